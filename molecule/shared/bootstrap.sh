@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Everything the README's commands need, made idempotent and fast when warm:
+#   1. a controller venv from requirements.txt (+ collections from requirements.yml, offline);
+#   2. a Docker engine that answers (on Debian: install docker.io and start dockerd);
+#   3. local systemd base images for Debian 12 and 13, rebuilt only when their recipe changed.
+# Source it (it exports PATH and DOCKERD_STARTED_PID) or run it.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cache="$root/.cache"
+mkdir -p "$cache"
+say() { printf '\033[1m[bootstrap]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[bootstrap] %s\033[0m\n' "$*" >&2; exit 1; }
+is_debian() { [ -r /etc/debian_version ] && command -v apt-get >/dev/null; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- 1. controller venv --------------------------------------------------------------------
+venv="$root/.venv"
+want=$(cat "$root/requirements.txt" "$root/requirements.yml" | sha256sum | cut -c1-16)
+if [ "$(cat "$venv/.celery-stack-stamp" 2>/dev/null)" != "$want" ]; then
+  command -v python3 >/dev/null || die "python3 is missing: install Python 3.11 or newer."
+  say "creating the controller venv from requirements.txt"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -qq --disable-pip-version-check -r "$root/requirements.txt"
+  # The collections come bundled with the `ansible` package: this answers "Nothing to do"
+  # without Galaxy, and fails if requirements.yml asks for a range the bundle does not meet.
+  "$venv/bin/ansible-galaxy" collection install -r "$root/requirements.yml" >/dev/null
+  echo "$want" >"$venv/.celery-stack-stamp"
+fi
+export PATH="$venv/bin:$PATH"
+
+# --- 2. a Docker engine ----------------------------------------------------------------------
+export DOCKERD_STARTED_PID=${DOCKERD_STARTED_PID:-}
+if ! docker info >/dev/null 2>&1; then
+  if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
+    is_debian || die "No Docker engine answers. Install Docker Engine and debootstrap, start the engine, and run this again."
+    say "installing docker.io and debootstrap from Debian"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    say "starting dockerd (log: $cache/dockerd.log)"
+    as_root dockerd >"$cache/dockerd.log" 2>&1 &
+    DOCKERD_STARTED_PID=$!
+    echo "$DOCKERD_STARTED_PID" >"$cache/dockerd.pid"
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
+    docker info >/dev/null 2>&1 || die "dockerd did not answer within 30 s; see $cache/dockerd.log"
+  fi
+fi
+command -v debootstrap >/dev/null || { is_debian && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; } \
+  || die "debootstrap is missing: install it to build the base images."
+
+# --- 3. base images ----------------------------------------------------------------------------
+recipe="$root/molecule/shared/images/recipe.sh"
+rev=$(sha256sum "$recipe" | cut -c1-12)
+for pair in 12:bookworm 13:trixie; do
+  version=${pair%%:*} codename=${pair#*:}
+  image="celery-stack-debian:$version"
+  if ! docker image inspect "$image-$rev" >/dev/null 2>&1; then
+    say "building $image from Debian $codename (debootstrap, about a minute)"
+    as_root "$recipe" "$codename" "$image-$rev"
+  fi
+  # The stable tag the scenarios and the local stack use follows the current recipe.
+  docker tag "$image-$rev" "$image"
+done
