@@ -1,0 +1,27 @@
+# One entry point for people and CI. Every target bootstraps what it needs (venv, Docker
+# engine, base images) itself; see molecule/shared/bootstrap.sh.
+.PHONY: up down status test lint bootstrap
+
+## up: bring up the local container stack and run site.yml against it (left running)
+up:
+	molecule/shared/local-stack.sh up
+
+## down: remove the local container stack
+down:
+	molecule/shared/local-stack.sh down
+
+## status: list the stack's containers
+status:
+	molecule/shared/local-stack.sh status
+
+## test: lint and every Molecule scenario (what CI runs)
+test:
+	molecule/shared/test.sh
+
+## lint: yamllint and ansible-lint only
+lint:
+	molecule/shared/test.sh lint
+
+## bootstrap: venv, Docker engine and base images only
+bootstrap:
+	molecule/shared/bootstrap.sh

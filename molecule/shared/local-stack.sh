@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The README's local stack: systemd containers for every host of inventories/local, then the
+# real site.yml against them. Left running; `make down` removes it.
+#   local-stack.sh up|down|status
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+inventory=inventories/local
+# name ip debian network subnet, one line per host, from the inventory itself.
+hosts() {
+  ansible-inventory -i "$inventory" --list | python3 -c '
+import json, sys
+meta = json.load(sys.stdin)["_meta"]["hostvars"]
+for name, v in sorted(meta.items()):
+    c = v["local_container"]
+    print(name, c["ip"], c["debian"], v["local_container_network"], v["local_container_subnet"])'
+}
+case "${1:-}" in
+  up)
+    # shellcheck source=bootstrap.sh
+    source molecule/shared/bootstrap.sh
+    hosts | while read -r name ip debian network subnet; do
+      molecule/shared/host.sh up "$name" "$debian" "$network" "$subnet" "$ip"
+    done
+    ansible-playbook -i "$inventory" molecule/shared/prepare.yml
+    ansible-playbook -i "$inventory" site.yml
+    cat <<TXT
+
+The local stack is up (containers on docker network celery-stack-local):
+$(hosts | awk '{printf "  %-26s %s\n", $1, $2}')
+  RabbitMQ management UI: http://172.30.87.11:15672/  (user ops-admin, see inventories/local)
+  A shell on a host:      docker exec -it celery-stack-worker-1 bash
+  Workers:                docker exec celery-stack-worker-1 systemctl list-units 'celery-worker@*'
+  Run site.yml again:     .venv/bin/ansible-playbook -i inventories/local site.yml
+  Tear it down:           make down
+TXT
+    ;;
+  down)
+    source molecule/shared/bootstrap.sh
+    mapfile -t names < <(hosts | awk '{print $1}')
+    molecule/shared/host.sh down "${names[@]}"
+    docker network rm celery-stack-local >/dev/null 2>&1 || true
+    echo "The local stack is removed." ;;
+  status)
+    docker ps --filter label=celery-stack=host --format '{{.Names}}\t{{.Status}}' ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The test command (README, `make test`, .ci/run): lint, then every Molecule scenario.
+#   test.sh [lint|molecule|SCENARIO[@DEBIAN]...]   default: lint and every scenario
+# Exits non-zero on the first failure. A dockerd that bootstrap started for this run is
+# stopped again on exit, so a CI run ends cleanly.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+# shellcheck source=bootstrap.sh
+source molecule/shared/bootstrap.sh
+stop_dockerd() {
+  if [ -n "${DOCKERD_STARTED_PID:-}" ]; then
+    echo "[test] stopping the dockerd this run started (pid $DOCKERD_STARTED_PID)"
+    kill "$DOCKERD_STARTED_PID" 2>/dev/null || true
+    wait "$DOCKERD_STARTED_PID" 2>/dev/null || true
+  fi
+}
+trap stop_dockerd EXIT
+
+# Every scenario, and the Debian releases it runs on.
+all_scenarios=(default@12 default@13)
+
+lint() {
+  echo "[test] yamllint"; yamllint --strict .
+  echo "[test] ansible-lint (production profile)"; ansible-lint
+}
+run_scenario() {
+  local scenario=${1%@*} debian=${1#*@} started
+  [ "$debian" = "$1" ] && debian=12
+  started=$(date +%s)
+  echo "[test] molecule test -s $scenario on Debian $debian"
+  MOLECULE_DEBIAN=$debian molecule test -s "$scenario"
+  echo "[test] scenario $scenario on Debian $debian passed in $(( $(date +%s) - started )) s"
+}
+
+targets=("$@")
+[ ${#targets[@]} -eq 0 ] && targets=(lint "${all_scenarios[@]}")
+started=$(date +%s) passed=0
+for target in "${targets[@]}"; do
+  case "$target" in
+    lint) lint ;;
+    molecule) for s in "${all_scenarios[@]}"; do run_scenario "$s"; passed=$((passed + 1)); done ;;
+    *) run_scenario "$target"; passed=$((passed + 1)) ;;
+  esac
+done
+echo "[test] all done in $(( $(date +%s) - started )) s"
+echo "scenarios: $passed passed, 0 failed"
