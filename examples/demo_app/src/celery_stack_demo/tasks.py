@@ -1,0 +1,94 @@
+"""Demo tasks: the original note's ``run_add``, a crawl-and-store I/O task, a CPU-bound task.
+
+Every task returns evidence of where it ran (the worker node name ``<queue>-<pool>@host``, the
+queue it was delivered from, the process id and thread name), so tests can prove that the
+routing table sent it to the right queue and pool.
+"""
+
+import os
+import re
+import sqlite3
+import threading
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+from .app import app
+
+# Where the crawl task stores its rows: the worker service's state directory by default.
+DB_PATH_ENV = "CELERY_STACK_DEMO_DB"
+DEFAULT_DB_PATH = "/var/lib/celery-stack/demo.sqlite3"
+_TITLE = re.compile(rb"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _where(request):
+    """Evidence of the worker, queue and pool that executed the current task."""
+    delivery = request.delivery_info or {}
+    return {
+        "hostname": request.hostname,
+        "queue": delivery.get("routing_key"),
+        "exchange": delivery.get("exchange"),
+        "pid": os.getpid(),
+        "thread": threading.current_thread().name,
+    }
+
+
+@app.task(bind=True)
+def run_add(self, x, y):
+    """Add two numbers (the original note's example task)."""
+    return {"result": x + y, **_where(self.request)}
+
+
+@app.task(bind=True)
+def cpu_fib(self, n):
+    """CPU-bound: the n-th Fibonacci number, computed naively on purpose."""
+
+    def fib(k):
+        return k if k < 2 else fib(k - 1) + fib(k - 2)
+
+    started = time.monotonic()
+    value = fib(int(n))
+    return {"result": value, "seconds": round(time.monotonic() - started, 3), **_where(self.request)}
+
+
+def _connect(path):
+    db = sqlite3.connect(path, timeout=30)
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS pages (id INTEGER PRIMARY KEY, url TEXT NOT NULL,"
+        " status INTEGER, length INTEGER, title TEXT, fetched_at TEXT NOT NULL)"
+    )
+    return db
+
+
+@app.task(bind=True, autoretry_for=(OSError,), retry_backoff=True, max_retries=3)
+def crawl_and_store(self, url, timeout=10):
+    """I/O-bound: fetch a page and store url, status, length and title in SQLite.
+
+    The workload behind the original incident (web crawling + database storage). The task is
+    idempotent enough for ``acks_late``: a redelivery stores one more row, never a wrong one.
+    """
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (demo: http only)
+        status = response.status
+        body = response.read()
+    match = _TITLE.search(body)
+    title = match.group(1).decode("utf-8", "replace").strip() if match else None
+    path = os.environ.get(DB_PATH_ENV, DEFAULT_DB_PATH)
+    db = _connect(path)
+    try:
+        with db:
+            cursor = db.execute(
+                "INSERT INTO pages (url, status, length, title, fetched_at) VALUES (?, ?, ?, ?, ?)",
+                (url, status, len(body), title, datetime.now(timezone.utc).isoformat()),
+            )
+        row_id = cursor.lastrowid
+    finally:
+        db.close()
+    return {
+        "url": url,
+        "status": status,
+        "length": len(body),
+        "title": title,
+        "db": path,
+        "row_id": row_id,
+        **_where(self.request),
+    }

@@ -1,0 +1,288 @@
+"""Behaviour of the RabbitMQ broker (role rabbitmq), checked from inside each rabbitmq host.
+
+AMQP is spoken by a minimal AMQP 0-9-1 client written with the Python standard library
+(AMQP_CLIENT below), run with the host's own python3: the broker hosts carry no AMQP library,
+installing one only for the test would change the host under test, and the Celery venv exists
+only where a worker runs. The client does the real protocol (SASL PLAIN or ANONYMOUS login,
+vhost open, queue declare, publish, get), so "refused" means the broker refused.
+
+Passwords: by default the local inventory's (inventories/local/group_vars/all/). A scenario
+that rotates passwords (a second converge with changed values) tells the test through
+environment variables:
+  RABBITMQ_TEST_APP_PASSWORD      the application user's current password
+  RABBITMQ_TEST_APP_OLD_PASSWORD  its previous password, which must now be refused
+  RABBITMQ_TEST_ADMIN_PASSWORD, RABBITMQ_TEST_ADMIN_OLD_PASSWORD   the same for ops-admin
+"""
+
+import json
+import os
+import pathlib
+
+import pytest
+import yaml
+
+if os.environ.get("MOLECULE_INVENTORY_FILE"):
+    import testinfra.utils.ansible_runner
+
+    testinfra_hosts = testinfra.utils.ansible_runner.AnsibleRunner(
+        os.environ["MOLECULE_INVENTORY_FILE"]
+    ).get_hosts("rabbitmq")
+
+INVENTORY_VARS = pathlib.Path(__file__).resolve().parents[3] / "inventories/local/group_vars/all"
+ADMIN = "ops-admin"
+
+
+def _inventory():
+    values = {}
+    for name in ("celery_stack.yml", "rabbitmq.yml"):
+        with open(INVENTORY_VARS / name, encoding="utf-8") as handle:
+            values.update(yaml.safe_load(handle))
+    return values
+
+
+INV = _inventory()
+VHOST = INV["celery_stack_broker_vhost"]
+APP_USER = INV["celery_stack_broker_user"]
+APP_PASSWORD = os.environ.get("RABBITMQ_TEST_APP_PASSWORD", INV["celery_stack_broker_password"])
+APP_OLD_PASSWORD = os.environ.get("RABBITMQ_TEST_APP_OLD_PASSWORD")
+ADMIN_PASSWORD = os.environ.get(
+    "RABBITMQ_TEST_ADMIN_PASSWORD",
+    next(u["password"] for u in INV["rabbitmq_users"] if u["name"] == ADMIN),
+)
+ADMIN_OLD_PASSWORD = os.environ.get("RABBITMQ_TEST_ADMIN_OLD_PASSWORD")
+
+# argv: MECHANISM USER PASSWORD VHOST ACTION   (ACTION: open | roundtrip)
+# prints one JSON object: {"ok": bool, "stage": where it stopped, "detail": server's reply}
+AMQP_CLIENT = r'''
+import json, socket, struct, sys, uuid
+mech, user, password, vhost, action = sys.argv[1:6]
+sock = socket.create_connection(("127.0.0.1", 5672), timeout=10)
+buf = b""
+def recv(n):
+    global buf
+    while len(buf) < n:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError("connection closed by the broker")
+        buf += chunk
+    out, buf = buf[:n], buf[n:]
+    return out
+def frame():
+    ftype, chan, size = struct.unpack(">BHI", recv(7))
+    payload = recv(size); recv(1)
+    return ftype, chan, payload
+def method():
+    while True:
+        ftype, chan, payload = frame()
+        if ftype == 1:
+            return struct.unpack(">HH", payload[:4]), payload[4:]
+def send(ftype, chan, payload):
+    sock.sendall(struct.pack(">BHI", ftype, chan, len(payload)) + payload + b"\xce")
+def call(chan, cls, mid, args):
+    send(1, chan, struct.pack(">HH", cls, mid) + args)
+def sstr(s):
+    b = s.encode(); return struct.pack(">B", len(b)) + b
+def lstr(b):
+    return struct.pack(">I", len(b)) + b
+def closed(ids, args):
+    code = struct.unpack(">H", args[:2])[0]
+    text = args[3:3 + args[2]].decode()
+    return "%s %s" % (code, text)
+def done(ok, stage, detail=""):
+    print(json.dumps({"ok": ok, "stage": stage, "detail": detail})); sys.exit(0)
+try:
+    sock.sendall(b"AMQP\x00\x00\x09\x01")
+    ids, args = method()                                   # connection.start
+    response = ("\0%s\0%s" % (user, password)).encode() if mech == "PLAIN" else b""
+    # Without this capability the broker answers a failed login by just dropping the socket.
+    caps = sstr("authentication_failure_close") + b"t\x01"
+    props = sstr("capabilities") + b"F" + lstr(caps)
+    call(0, 10, 11, lstr(props) + sstr(mech) + lstr(response) + sstr("en_US"))  # start-ok
+    ids, args = method()
+    if ids != (10, 30):                                    # not connection.tune: refused
+        done(False, "login", closed(ids, args) if ids == (10, 50) else str(ids))
+    call(0, 10, 31, args[:2] + args[2:6] + struct.pack(">H", 0))                # tune-ok
+    call(0, 10, 40, sstr(vhost) + sstr("") + b"\x00")                           # open
+    ids, args = method()
+    if ids != (10, 41):
+        done(False, "vhost", closed(ids, args) if ids == (10, 50) else str(ids))
+    if action == "open":
+        done(True, "vhost")
+    call(1, 20, 10, sstr(""))                                                   # channel.open
+    method()
+    queue = "test-rabbitmq-" + uuid.uuid4().hex
+    table = sstr("x-queue-type") + b"S" + lstr(b"classic")
+    # exclusive (deleted with the connection), explicitly classic: independent of
+    # default_queue_type
+    call(1, 50, 10, struct.pack(">H", 0) + sstr(queue) + b"\x04" + lstr(table))
+    ids, args = method()
+    if ids != (50, 11):
+        done(False, "declare", closed(ids, args))
+    body = ("hello " + queue).encode()
+    call(1, 60, 40, struct.pack(">H", 0) + sstr("") + sstr(queue) + b"\x00")    # publish
+    send(2, 1, struct.pack(">HHQH", 60, 0, len(body), 0))
+    send(3, 1, body)
+    call(1, 60, 70, struct.pack(">H", 0) + sstr(queue) + b"\x01")               # get, no-ack
+    ids, args = method()
+    if ids != (60, 71):
+        done(False, "get", closed(ids, args) if ids[1] == 40 else str(ids))
+    frame()                                                                     # content header
+    got = frame()[2]
+    done(got == body, "roundtrip", got.decode())
+except (OSError, EOFError, struct.error) as exc:
+    done(False, "io", str(exc))
+'''
+
+# argv: USER PASSWORD PATH   prints {"status": HTTP status, "body": parsed JSON or text}
+HTTP_CLIENT = r'''
+import base64, json, sys, urllib.error, urllib.request
+user, password, path = sys.argv[1:4]
+request = urllib.request.Request("http://127.0.0.1:15672" + path)
+token = base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
+request.add_header("Authorization", "Basic " + token)
+try:
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        status, body = answer.status, answer.read().decode()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read().decode()
+try:
+    body = json.loads(body)
+except ValueError:
+    pass
+print(json.dumps({"status": status, "body": body}))
+'''
+
+
+def amqp(host, user, password, vhost, action="roundtrip", mechanism="PLAIN"):
+    result = host.run("python3 -c %s %s %s %s %s %s", AMQP_CLIENT, mechanism, user, password, vhost, action)
+    assert result.rc == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def http(host, user, password, path):
+    result = host.run("python3 -c %s %s %s %s", HTTP_CLIENT, user, password, path)
+    assert result.rc == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _policy(host, package):
+    """Installed version, candidate, and the version table of `apt-cache policy PACKAGE`."""
+    out = host.check_output("apt-cache policy %s", package).splitlines()
+    installed = next(line.split(":", 1)[1].strip() for line in out if line.strip().startswith("Installed:"))
+    candidate = next(line.split(":", 1)[1].strip() for line in out if line.strip().startswith("Candidate:"))
+    return installed, candidate, out
+
+
+def _installed_entry(table):
+    """(priority, source lines) of the installed (***) version in an apt-cache policy table."""
+    for index, line in enumerate(table):
+        if line.strip().startswith("***"):
+            priority = int(line.split()[-1])
+            sources = []
+            for follow in table[index + 1:]:
+                if not follow.startswith("        "):
+                    break
+                sources.append(follow.strip())
+            return priority, sources
+    raise AssertionError("no installed version in:\n" + "\n".join(table))
+
+
+def test_rabbitmq_server_came_from_the_mirror_and_is_pinned(host):
+    installed, candidate, table = _policy(host, "rabbitmq-server")
+    priority, sources = _installed_entry(table)
+    # The mirror's rebuild carries a suffix Debian never ships; its only source is the mirror.
+    assert installed.endswith("+mirror1"), installed
+    assert any("/rabbitmq-server/" in source for source in sources), sources
+    assert not any("deb.debian.org" in source for source in sources), sources
+    # The pin (priority 1001) holds: apt's candidate IS the installed version.
+    assert priority == 1001
+    assert candidate == installed
+
+
+def test_erlang_is_pinned(host):
+    for package in ("erlang-base", "erlang-crypto", "erlang-ssl"):
+        installed, candidate, table = _policy(host, package)
+        priority, _ = _installed_entry(table)
+        assert installed.startswith("1:"), (package, installed)
+        assert priority == 1001, package
+        assert candidate == installed, package
+
+
+def test_apt_upgrade_would_not_move_the_pinned_packages(host):
+    simulated = host.check_output("apt-get -s -o Debug::NoLocking=1 dist-upgrade")
+    moved = [line for line in simulated.splitlines() if line.startswith("Inst ")
+             and (line.split()[1] == "rabbitmq-server" or line.split()[1].startswith("erlang"))]
+    assert moved == []
+
+
+def test_service_is_active_and_enabled(host):
+    service = host.service("rabbitmq-server")
+    assert service.is_running
+    assert service.is_enabled
+
+
+@pytest.mark.parametrize("port", [5672, 15672, 15692])
+def test_listening(host, port):
+    # Any address: 5672 listens dual-stack on [::], the HTTP ports on 0.0.0.0.
+    assert host.check_output("ss -Htln 'sport = :%d'" % port).strip()
+
+
+def test_open_files_limit(host):
+    assert int(host.check_output("systemctl show -p LimitNOFILE --value rabbitmq-server")) >= 50000
+
+
+def test_prometheus_endpoint_serves_metrics(host):
+    metrics = host.check_output("python3 -c %s", "import urllib.request; print(urllib.request.urlopen("
+                                "'http://127.0.0.1:15692/metrics', timeout=10).read().decode())")
+    assert "rabbitmq_" in metrics
+
+
+def test_administrator_authenticates_to_the_management_api(host):
+    answer = http(host, ADMIN, ADMIN_PASSWORD, "/api/whoami")
+    assert answer["status"] == 200, answer
+    tags = answer["body"]["tags"]
+    assert "administrator" in (tags if isinstance(tags, list) else tags.split(","))
+
+
+def test_app_user_publishes_and_consumes_on_its_vhost(host):
+    result = amqp(host, APP_USER, APP_PASSWORD, VHOST)
+    assert result == {"ok": True, "stage": "roundtrip", "detail": result["detail"]}, result
+
+
+def test_app_user_is_refused_on_another_vhost(host):
+    result = amqp(host, APP_USER, APP_PASSWORD, "/", action="open")
+    assert result["ok"] is False and result["stage"] == "vhost", result
+    assert result["detail"].startswith("530"), result  # NOT_ALLOWED
+
+
+def test_app_user_has_no_management_access(host):
+    assert http(host, APP_USER, APP_PASSWORD, "/api/whoami")["status"] in (401, 403)
+
+
+def test_guest_is_refused(host):
+    result = amqp(host, "guest", "guest", "/", action="open")
+    assert result["stage"] == "login" and result["detail"].startswith("403"), result  # ACCESS_REFUSED
+    assert http(host, "guest", "guest", "/api/whoami")["status"] == 401
+
+
+def test_anonymous_login_is_refused(host):
+    result = amqp(host, "", "", "/", action="open", mechanism="ANONYMOUS")
+    assert result["ok"] is False and result["stage"] in ("login", "io"), result
+
+
+def test_wrong_password_is_refused(host):
+    result = amqp(host, APP_USER, APP_PASSWORD + "-wrong", VHOST, action="open")
+    assert result["ok"] is False and result["stage"] == "login", result
+    assert result["detail"].startswith("403"), result
+
+
+@pytest.mark.skipif(not APP_OLD_PASSWORD, reason="no password rotation in this run")
+def test_rotated_app_password_replaced_the_old_one(host):
+    assert amqp(host, APP_USER, APP_PASSWORD, VHOST, action="open")["ok"] is True
+    assert amqp(host, APP_USER, APP_OLD_PASSWORD, VHOST, action="open")["stage"] == "login"
+
+
+@pytest.mark.skipif(not ADMIN_OLD_PASSWORD, reason="no password rotation in this run")
+def test_rotated_admin_password_replaced_the_old_one(host):
+    assert http(host, ADMIN, ADMIN_PASSWORD, "/api/whoami")["status"] == 200
+    assert http(host, ADMIN, ADMIN_OLD_PASSWORD, "/api/whoami")["status"] == 401
