@@ -1,0 +1,144 @@
+"""The three-node RabbitMQ cluster of scenario `cluster`, checked by behaviour.
+
+- every node reports the same three running nodes and runs the same RabbitMQ version;
+- the routed Celery queues are quorum queues with a member on every node;
+- with one broker node stopped, tasks queued before the stop and tasks sent during it all
+  complete (results read back through Redis), and the node rejoins when started again.
+
+The failover test drives several hosts at once (a broker, the worker hosts), so it runs once,
+from the first worker host, instead of once per host.
+"""
+
+import json
+import os
+import time
+
+import pytest
+import testinfra
+import testinfra.utils.ansible_runner
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
+BROKERS = RUNNER.get_hosts("rabbitmq")
+WORKERS = RUNNER.get_hosts("celery_workers")
+VENV_PYTHON = "/opt/celery-stack/venv/bin/python"
+VHOST = "celery"
+
+testinfra_hosts = [f"ansible://{name}" for name in BROKERS]
+
+
+def _host(name):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def _cluster_status(host):
+    return json.loads(host.check_output("rabbitmqctl -q cluster_status --formatter json"))
+
+
+def _node_name(host):
+    return "rabbit@" + host.check_output("hostname -s")
+
+
+EXPECTED_NODES = sorted(_node_name(_host(name)) for name in BROKERS)
+
+
+def test_three_brokers_in_the_inventory():
+    assert len(BROKERS) == 3
+
+
+def test_cluster_runs_every_node(host):
+    status = _cluster_status(host)
+    assert sorted(status["running_nodes"]) == EXPECTED_NODES
+    assert sorted(status["disk_nodes"]) == EXPECTED_NODES
+
+
+def test_every_node_runs_one_rabbitmq_version():
+    versions = {name: _host(name).check_output("rabbitmqctl -q version") for name in BROKERS}
+    print("\nRabbitMQ versions:", versions)
+    assert len(set(versions.values())) == 1, versions
+
+
+def test_routed_queues_are_replicated_quorum_queues(host):
+    queues = json.loads(
+        host.check_output("rabbitmqctl -q list_queues -p %s name type members --formatter json", VHOST)
+    )
+    routed = {q["name"]: q for q in queues if q["name"] in ("io", "cpu")}
+    assert set(routed) == {"io", "cpu"}, queues
+    for queue in routed.values():
+        assert queue["type"] == "quorum", queue
+        assert sorted(queue["members"]) == EXPECTED_NODES, queue
+
+
+# Sends run_add to a queue (send) or waits for results (collect), with the stack's own app and
+# configuration (broker URL list with every node, result backend through the Redis ACL user).
+CLIENT = r"""
+import json, sys
+from celery_stack_app import app
+mode, arg = sys.argv[1], json.loads(sys.argv[2])
+if mode == "send":
+    print(json.dumps([
+        {"id": app.send_task("celery_stack_demo.tasks.run_add", args=[i, i], queue=q).id, "n": i, "queue": q}
+        for q, first, count in arg for i in range(first, first + count)]))
+else:
+    out = []
+    for sent in arg:
+        value = app.AsyncResult(sent["id"]).get(timeout=300)
+        out.append({**sent, "result": value["result"], "ran_on": value["hostname"], "from": value["queue"]})
+    print(json.dumps(out))
+"""
+
+
+def _client(host, mode, arg):
+    return json.loads(host.check_output("%s -c %s %s %s", VENV_PYTHON, CLIENT, mode, json.dumps(arg)))
+
+
+def _workers(action):
+    for name in WORKERS:
+        _host(name).check_output("systemctl %s celery-workers.target", action)
+
+
+def test_tasks_survive_a_stopped_broker_node():
+    """Queued tasks are not lost and new ones complete while one broker node is down; the node
+    rejoins when started again. The stopped node is the first of the clients' URL list, so
+    every client has to fail over."""
+    client, broker = _host(WORKERS[0]), _host(BROKERS[0])
+    batch = 20
+    _workers("stop")
+    try:
+        queued = _client(client, "send", [["io", 0, batch], ["cpu", 0, batch]])
+        broker.check_output("systemctl stop rabbitmq-server.service")
+        try:
+            _workers("start")
+            during = _client(client, "send", [["io", batch, batch], ["cpu", batch, batch]])
+            results = _client(client, "collect", queued + during)
+        finally:
+            broker.check_output("systemctl start rabbitmq-server.service")
+    finally:
+        _workers("start")
+
+    assert len(results) == 4 * batch
+    assert len({r["id"] for r in results}) == 4 * batch
+    for r in results:
+        assert r["result"] == 2 * r["n"], r
+        assert r["from"] == r["queue"], r
+    ran_on = sorted({r["ran_on"] for r in results})
+    print(f"\n{len(results)} tasks completed with {BROKERS[0]} stopped, on {ran_on}")
+
+    # Started again, the node is back in the cluster (it waits for its peers while it boots).
+    status = {}
+    for _ in range(60):
+        status = _cluster_status(broker)
+        if sorted(status.get("running_nodes", [])) == EXPECTED_NODES:
+            break
+        time.sleep(5)
+    assert sorted(status["running_nodes"]) == EXPECTED_NODES
+    for name in BROKERS:
+        assert sorted(_cluster_status(_host(name))["running_nodes"]) == EXPECTED_NODES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _brokers_running():
+    """Whatever happened before, start every broker: a test that stopped one restores it."""
+    yield
+    for name in BROKERS:
+        _host(name).run("systemctl start rabbitmq-server.service")
