@@ -1,6 +1,6 @@
 # One entry point for people and CI. Every target bootstraps what it needs (venv, Docker
 # engine, base images) itself; see molecule/shared/bootstrap.sh.
-.PHONY: up down status test lint bootstrap
+.PHONY: up down status test lint bootstrap bench
 
 ## up: bring up the local container stack and run site.yml against it (left running)
 up:
@@ -25,3 +25,7 @@ lint:
 ## bootstrap: venv, Docker engine and base images only
 bootstrap:
 	molecule/shared/bootstrap.sh
+
+## bench: prefork vs threads on I/O- and CPU-bound tasks, on the running local stack (make up)
+bench:
+	. .venv/bin/activate && ansible-playbook playbooks/benchmark.yml -i inventories/local
