@@ -32,6 +32,7 @@ $(hosts | awk '{printf "  %-26s %s\n", $1, $2}')
   A shell on a host:      docker exec -it celery-stack-worker-1 bash
   Workers:                docker exec celery-stack-worker-1 systemctl list-units 'celery-worker@*'
   Run site.yml again:     .venv/bin/ansible-playbook -i inventories/local site.yml
+  Benchmark the pools:    make bench
   Tear it down:           make down
 TXT
     ;;
