@@ -23,6 +23,12 @@ all_scenarios=(default@12 default@13 cluster@13)
 lint() {
   echo "[test] yamllint"; yamllint --strict .
   echo "[test] ansible-lint (production profile)"; ansible-lint
+  # Every shipped inventory parses completely (a stray file in an inventory directory is an
+  # inventory source to Ansible) and site.yml lists its hosts against it.
+  for inventory in inventories/*/; do
+    echo "[test] inventory $inventory"
+    ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED=true ansible-playbook site.yml -i "$inventory" --list-hosts >/dev/null
+  done
 }
 run_scenario() {
   local scenario=${1%@*} debian=${1#*@} started
