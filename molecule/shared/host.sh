@@ -10,7 +10,16 @@ case "$cmd" in
     name=$1 version=$2 network=$3 subnet=$4 ip=$5
     docker network inspect "$network" >/dev/null 2>&1 \
       || docker network create --subnet "$subnet" "$network" >/dev/null
-    if ! docker container inspect "$name" >/dev/null 2>&1; then
+    # A container of that name that is not ours on this network (a Molecule scenario's, or
+    # anybody's) is never taken over.
+    if docker container inspect "$name" >/dev/null 2>&1; then
+      owner=$(docker container inspect -f '{{ index .Config.Labels "celery-stack" }}' "$name")
+      nets=$(docker container inspect -f '{{ range $k, $v := .NetworkSettings.Networks }}{{ $k }} {{ end }}' "$name")
+      if [ "$owner" != host ] || [[ " $nets " != *" $network "* ]]; then
+        echo "host $name: a container of that name exists and is not this stack's (network: $nets)" >&2
+        exit 1
+      fi
+    else
       docker run -d --name "$name" --hostname "$name" --network "$network" --ip "$ip" \
         --cap-add SYS_ADMIN --cgroupns=host \
         --security-opt seccomp=unconfined --security-opt apparmor=unconfined \
