@@ -2,7 +2,9 @@
 
 Runs site.yml from the controller against this scenario's hosts with one wrong inventory value
 each time, and checks that the run failed in the preflight play (which validates every role's
-input on every host) and that no provisioning play started.
+input on every host) and that no provisioning play started. Also: a change of the routed
+queues' type, which only the running broker can reveal, stops the run in the broker play,
+before any worker is touched.
 """
 
 import json
@@ -32,15 +34,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("variable", sorted(CASES))
-def test_bad_input_fails_before_any_host_is_changed(variable):
+def _site(extra_vars):
     run = subprocess.run(
         [str(PLAYBOOK), "site.yml", "-i", os.environ["MOLECULE_INVENTORY_FILE"],
-         "-e", json.dumps(CASES[variable])],
+         "-e", json.dumps(extra_vars)],
         cwd=REPO, capture_output=True, text=True, check=False,
         env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
     )
-    out = run.stdout + run.stderr
+    return run, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("variable", sorted(CASES))
+def test_bad_input_fails_before_any_host_is_changed(variable):
+    run, out = _site(CASES[variable])
     assert run.returncode != 0, out
     assert "PLAY [Validate the inventory before any host is changed]" in out, out
     # Extra vars are never echoed and no task name holds a variable name: the name comes from
@@ -49,3 +55,13 @@ def test_bad_input_fails_before_any_host_is_changed(variable):
     for play in ("Provision the RabbitMQ brokers", "Provision the Redis result store",
                  "Provision the Celery workers"):
         assert f"PLAY [{play}]" not in out, f"{play} started despite invalid input"
+
+
+def test_queue_type_change_stops_the_run_before_the_workers():
+    """One broker: the routed queues exist as classic queues. Asking for quorum queues must stop
+    the broker play, naming the queue and the setting, before users or workers are touched."""
+    run, out = _site({"celery_stack_quorum_queues": True})
+    assert run.returncode != 0, out
+    assert "exists as a classic queue" in out and "celery_stack_quorum_queues" in out, out
+    assert "PLAY [Provision the Celery workers]" not in out
+    assert "Create the users and set their passwords" not in out
