@@ -300,3 +300,22 @@ def test_worker_unit_security_exposure(host, deployed):
     if dropin.exists:  # container hosts: the drop-in switches off only PrivateUsers
         settings = [line for line in dropin.content_string.splitlines() if line and line[0] not in "#["]
         assert settings == ["PrivateUsers=no"]
+
+
+def test_beat_runs_on_exactly_one_host(host, deployed):
+    """celery beat runs on the first worker host only, and sends the demo app's periodic task."""
+    groups = host.ansible.get_variables()["groups"]
+    beat = host.service("celery-beat.service")
+    if host.ansible.get_variables()["inventory_hostname"] != groups["celery_workers"][0]:
+        assert not host.file("/etc/systemd/system/celery-beat.service").exists
+        return
+    assert beat.is_running and beat.is_enabled
+    pid = _main_pid(host, "celery-beat.service")
+    assert host.process.get(pid=pid).user == SERVICE_USER
+    sent = ""
+    for _ in range(30):  # the heartbeat is due every 15 s
+        sent = host.check_output("journalctl -u celery-beat.service --no-pager -o cat | grep -c 'Sending due task heartbeat' || true")
+        if int(sent or 0) > 0:
+            break
+        time.sleep(2)
+    assert int(sent or 0) > 0, "celery beat sent no periodic task"

@@ -18,4 +18,8 @@ app.conf.update(
     result_expires=3600,
     # Task results carry where they ran; the deployment may route them anywhere.
     task_track_started=True,
+    # One periodic task, sent by celery beat (which the deployment runs on exactly one host).
+    beat_schedule={
+        "heartbeat": {"task": "celery_stack_demo.tasks.run_add", "schedule": 15.0, "args": (0, 0)},
+    },
 )
