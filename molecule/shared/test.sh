@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, `make test`, .ci/run): lint, then every Molecule scenario.
-#   test.sh [lint|molecule|SCENARIO[@DEBIAN]...]   default: lint and every scenario
+#   test.sh [lint|unit|molecule|SCENARIO[@DEBIAN]...]   default: lint, unit and every scenario
 # Exits non-zero on the first failure. A dockerd that bootstrap started for this run is
 # stopped again on exit, so a CI run ends cleanly.
 set -euo pipefail
@@ -30,6 +30,11 @@ lint() {
     ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED=true ansible-playbook site.yml -i "$inventory" --list-hosts >/dev/null
   done
 }
+# The stack's derived decisions (the celery_stack.core filters), as plain Python.
+unit() {
+  echo "[test] unit tests of the collection celery_stack.core"
+  python -m pytest -q -p no:cacheprovider collections/ansible_collections/celery_stack/core/tests/unit
+}
 run_scenario() {
   local scenario=${1%@*} debian=${1#*@} started
   [ "$debian" = "$1" ] && debian=12
@@ -40,11 +45,12 @@ run_scenario() {
 }
 
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(lint "${all_scenarios[@]}")
+[ ${#targets[@]} -eq 0 ] && targets=(lint unit "${all_scenarios[@]}")
 started=$(date +%s) passed=0
 for target in "${targets[@]}"; do
   case "$target" in
     lint) lint ;;
+    unit) unit ;;
     molecule) for s in "${all_scenarios[@]}"; do run_scenario "$s"; passed=$((passed + 1)); done ;;
     *) run_scenario "$target"; passed=$((passed + 1)) ;;
   esac

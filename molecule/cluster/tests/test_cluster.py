@@ -3,7 +3,9 @@
 - every node reports the same three running nodes and runs the same RabbitMQ version;
 - the routed Celery queues are quorum queues with a member on every node;
 - with one broker node stopped, tasks queued before the stop and tasks sent during it all
-  complete (results read back through Redis), and the node rejoins when started again.
+  complete (results read back through Redis), and the node rejoins when started again;
+- the routing table's placement: queue cpu runs on group celery_cpu_workers (worker1) only;
+- an inventory value wins over a role's stack default (celery_worker_beat_host).
 
 The failover test drives several hosts at once (a broker, the worker hosts), so it runs once,
 from the first worker host, instead of once per host.
@@ -134,6 +136,33 @@ def test_tasks_survive_a_stopped_broker_node():
     assert sorted(status["running_nodes"]) == EXPECTED_NODES
     for name in BROKERS:
         assert sorted(_cluster_status(_host(name))["running_nodes"]) == EXPECTED_NODES
+
+
+def _worker_units(host):
+    out = host.check_output("systemctl list-units --all --plain --no-legend 'celery-worker@*' | awk '{print $1}'")
+    return sorted(out.split())
+
+
+def test_the_cpu_queue_runs_on_its_placed_host_only():
+    """celery_stack_queues places cpu on group celery_cpu_workers, which holds worker1 only: worker2
+    runs io's workers and none of cpu's, and cpu tasks sent from worker2 run on worker1."""
+    placed, other = (_host(name) for name in WORKERS)
+    assert _worker_units(placed) == ["celery-worker@cpu-prefork.service", "celery-worker@cpu-threads.service",
+                                     "celery-worker@io-prefork.service", "celery-worker@io-threads.service"]
+    assert _worker_units(other) == ["celery-worker@io-prefork.service", "celery-worker@io-threads.service"]
+    assert not other.file("/etc/celery-stack/workers/cpu-prefork.env").exists
+    results = _client(other, "collect", _client(other, "send", [["cpu", 0, 8]]))
+    assert [r["result"] for r in results] == [2 * n for n in range(8)]
+    assert {r["ran_on"].split("@", 1)[1] for r in results} == {placed.check_output("hostname")}, results
+
+
+def test_an_inventory_value_wins_over_the_stack_default():
+    """inventories/local/group_vars/all/celery_worker.yml sets celery_worker_beat_host to the LAST
+    worker host; the role's default is the first. (With the stack wiring in the playbooks'
+    group_vars/all, this inventory value was silently ignored.)"""
+    first, last = (_host(name) for name in WORKERS)
+    assert last.service("celery-beat.service").is_running
+    assert not first.file("/etc/systemd/system/celery-beat.service").exists
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,10 +1,12 @@
 """Bad input fails the run before any host is changed, with a message naming the variable.
 
 Runs site.yml from the controller against this scenario's hosts with one wrong inventory value
-each time, and checks that the run failed in the preflight play (which validates every role's
-input on every host) and that no provisioning play started. Also: a change of the routed
-queues' type, which only the running broker can reveal, stops the run in the broker play,
-before any worker is touched.
+each time (one case per class of mistake a new user makes), and checks that the run failed in
+the preflight play (which validates the stack description and every role's input on every host),
+that the message names the INVENTORY variable (celery_stack_*, not a role's internal one) and
+that no provisioning play started. Valid input, such as a port given as a quoted number, is
+accepted. Also: a change of the routed queues' type, which only the running broker can reveal,
+stops the run in the broker play, before any worker is touched.
 """
 
 import json
@@ -14,53 +16,125 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-PLAYBOOK = pathlib.Path(sys.executable).parent / "ansible-playbook"
+BIN = pathlib.Path(sys.executable).parent
+DEMO = "celery_stack_demo.tasks"
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("MOLECULE_INVENTORY_FILE"), reason="needs the Molecule scenario's inventory"
 )
 
+# inventory values -> a text the failure must contain (it names the variable and the fix)
 CASES = {
-    # a typo in the routing table: a pool that does not exist
-    "celery_stack_queues": {
-        "celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "pools": {"prefrok": {"concurrency": 2}}}]
-    },
-    # an Erlang version pattern without its epoch "1:" (matches no package)
-    "rabbitmq_erlang_version": {"rabbitmq_erlang_version": "27.*"},
-    # a memory policy that silently drops a Redis broker's messages
-    "redis_maxmemory_policy": {"redis_maxmemory_policy": "allkeys-lru"},
+    "unknown pool": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "pools": {"prefrok": {"concurrency": 2}}}]},
+        "celery_stack_queues.pools.prefrok"),
+    "unknown pool option": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "pools": {"threads": {"concurency": 2}}}]},
+        "celery_stack_queues.pools.threads.concurency"),
+    "unknown queue key": (
+        {"celery_stack_queues": [{"name": "io", "task": ["x.*"]}]},
+        "celery_stack_queues.task"),
+    "tasks as a string": (
+        {"celery_stack_queues": [{"name": "io", "tasks": f"{DEMO}.crawl"}]},
+        "celery_stack_queues[0] (io).tasks is the string"),
+    "a pool option of the wrong type": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "pools": {"threads": {"concurrency": "many"}}}]},
+        "celery_stack_queues"),
+    "a queue without an enabled pool": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "pools": {"prefork": {"enabled": False},
+                                                                          "threads": {"enabled": False}}}]},
+        "celery_stack_queues[0] (io): no enabled pool"),
+    "a pattern an earlier glob captures": (
+        {"celery_stack_queues": [{"name": "io", "tasks": [f"{DEMO}.*"]}, {"name": "cpu", "tasks": [f"{DEMO}.cpu_*"]}]},
+        f"celery_stack_queues[1] (cpu).tasks: '{DEMO}.cpu_*' is already captured by '{DEMO}.*'"),
+    "a queue placed on no worker host": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "hosts": ["apt_mirror"]}]},
+        "celery_stack_queues[0] (io).pools.prefork: celery-stack-"),
+    "an unknown broker": (
+        {"celery_stack_broker": "kafka"},
+        "celery_stack_broker must be one of: rabbitmq, redis, got: kafka"),
+    "a mapping where the table's list belongs": (
+        {"celery_stack_queues": {"io": {"tasks": ["x.*"]}}},
+        "argument 'celery_stack_queues' is of type dict"),
+    "an application path that does not exist": (
+        {"celery_stack_app": {"source": "/srv/no/such/app", "module": "app.celery"}},
+        "celery_stack_app.source '/srv/no/such/app' looks like a path"),
+    "a default queue outside the table": (
+        {"celery_stack_default_queue": "celery"},
+        "celery_stack_default_queue 'celery' is not a queue of celery_stack_queues"),
+    # role settings keep their own checks
+    "an Erlang version without its epoch": ({"rabbitmq_erlang_version": "27.*"}, "rabbitmq_erlang_version"),
+    "an evicting Redis with a broker user": ({"redis_maxmemory_policy": "allkeys-lru"}, "redis_maxmemory_policy"),
 }
 
+PROVISIONING_PLAYS = ("Provision the RabbitMQ brokers", "Provision the Redis result store",
+                      "Provision the Celery workers")
 
-def _site(extra_vars):
-    run = subprocess.run(
-        [str(PLAYBOOK), "site.yml", "-i", os.environ["MOLECULE_INVENTORY_FILE"],
-         "-e", json.dumps(extra_vars)],
-        cwd=REPO, capture_output=True, text=True, check=False,
-        env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
-    )
+
+def _run(playbook, extra_vars=None, inventory=None):
+    argv = [str(BIN / "ansible-playbook"), playbook, "-i", str(inventory or os.environ["MOLECULE_INVENTORY_FILE"])]
+    if extra_vars:
+        argv += ["-e", json.dumps(extra_vars)]
+    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
+                         env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"})
     return run, run.stdout + run.stderr
 
 
-@pytest.mark.parametrize("variable", sorted(CASES))
-def test_bad_input_fails_before_any_host_is_changed(variable):
-    run, out = _site(CASES[variable])
+def _assert_refused_in_preflight(run, out, expected):
     assert run.returncode != 0, out
     assert "PLAY [Validate the inventory before any host is changed]" in out, out
-    # Extra vars are never echoed and no task name holds a variable name: the name comes from
+    # Extra vars are never echoed and no task name holds a variable name: the text comes from
     # the failure message (on stderr under Molecule, on stdout otherwise).
-    assert variable in out, out
-    for play in ("Provision the RabbitMQ brokers", "Provision the Redis result store",
-                 "Provision the Celery workers"):
+    assert expected in out, out
+    assert "Traceback" not in out and "TemplateSyntaxError" not in out, out
+    for play in PROVISIONING_PLAYS:
         assert f"PLAY [{play}]" not in out, f"{play} started despite invalid input"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_before_any_host_is_changed(case):
+    extra_vars, expected = CASES[case]
+    _assert_refused_in_preflight(*_run("site.yml", extra_vars), expected)
+
+
+@pytest.mark.parametrize("extra_vars", [
+    {},
+    # -e redis_port=6379 and YAML's "6379" arrive as strings: the spec converts them
+    {"redis_port": "6379", "rabbitmq_amqp_port": "5672"},
+    # an exact name under an earlier queue's glob is routed by name (Celery tries names first)
+    {"celery_stack_queues": [{"name": "io", "tasks": [f"{DEMO}.*"]}, {"name": "cpu", "tasks": [f"{DEMO}.run_add"]}]},
+], ids=["as deployed", "quoted ports", "exact name after a glob"])
+def test_valid_input_passes_the_preflight(extra_vars):
+    run, out = _run("playbooks/preflight.yml", extra_vars)
+    assert run.returncode == 0, out
+
+
+def test_an_inventory_without_worker_hosts_is_refused(tmp_path):
+    """Brokers and Redis but no worker host (a group renamed or left out): Redis would be
+    re-bound to loopback, away from the workers. Refused, naming the group."""
+    inventory = yaml.safe_load(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).read_text())
+
+    def drop_workers(node):
+        if isinstance(node, dict):
+            for group in ("celery_workers", "celery_cpu_workers"):
+                node.pop(group, None)
+            for value in node.values():
+                drop_workers(value)
+
+    drop_workers(inventory)
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "group_vars").symlink_to(REPO / "inventories" / "local" / "group_vars")
+    _assert_refused_in_preflight(*_run("site.yml", inventory=tmp_path / "hosts.yml"),
+                                 "the inventory has no host in group celery_workers")
 
 
 def test_queue_type_change_stops_the_run_before_the_workers():
     """One broker: the routed queues exist as classic queues. Asking for quorum queues must stop
     the broker play, naming the queue and the setting, before users or workers are touched."""
-    run, out = _site({"celery_stack_quorum_queues": True})
+    run, out = _run("site.yml", {"celery_stack_quorum_queues": True})
     assert run.returncode != 0, out
     assert "exists as a classic queue" in out and "celery_stack_quorum_queues" in out, out
     assert "PLAY [Provision the Celery workers]" not in out

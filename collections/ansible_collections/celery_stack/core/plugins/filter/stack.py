@@ -1,0 +1,307 @@
+# -*- coding: utf-8 -*-
+"""Every decision derived from the stack description (the inventory's ``celery_stack_*``), once.
+
+The roles call these filters from their defaults and vars; nothing here touches a host, so each
+decision is a plain function with unit tests (tests/unit/plugins/filter/test_stack.py, run by
+``make test``):
+
+- ``problems``: what the argument spec of roles/celery_stack cannot express (cross-field rules),
+  each message naming the inventory variable;
+- ``quorum_queues``, ``routing_table``, ``celery_routing``: queue types, routes and the queue
+  declarations of the generated Celery config; ``queue_type_changes``: the queues whose type the
+  broker holds differently;
+- ``worker_instances``: the systemd worker instances (queue x pool) of one host, pool defaults
+  filled in, placement (``hosts:``) applied;
+- ``broker_url``, ``redis_url``: connection URLs with percent-encoded credentials;
+- ``addresses``, ``rabbitmq_nodes``: how a host reaches the hosts of a group, the cluster's
+  node names;
+- ``redis_broker_keys``, ``app_kind``.
+"""
+
+import fnmatch
+import json
+import os
+import re
+from urllib.parse import quote
+
+from ansible.errors import AnsibleFilterError
+
+POOLS = ("prefork", "threads")
+# Options only the prefork pool enforces (the threads pool ignores them: celery #9203).
+PREFORK_ONLY = ("max_tasks_per_child", "max_memory_per_child", "time_limit", "soft_time_limit")
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+WORKER_GROUP = "celery_workers"
+# A source that names a file or directory (not a pip requirement such as "pkg==1.0", nor a URL).
+PATH_LIKE = re.compile(r"^(/|\./|\.\./|~)|\.(whl|tar\.gz|zip)$")
+
+
+def _is_glob(pattern):
+    # Celery's MapRoute: a name with "*" is a glob (fnmatch), any other name an exact match.
+    return "*" in pattern
+
+
+def _enabled(pool_settings):
+    return quorum_queues((pool_settings or {}).get("enabled", True))
+
+
+def _placement(names, groups, where):
+    """Inventory host and group names -> the hosts they stand for; unknown names raise."""
+    hosts = []
+    for name in names:
+        if name in groups:
+            members = groups[name]
+        elif any(name in members for members in groups.values()):
+            members = [name]
+        else:
+            raise AnsibleFilterError(f"{where}: {name!r} is neither a host nor a group of the inventory")
+        hosts.extend(h for h in members if h not in hosts)
+    return hosts
+
+
+def _pool_hosts(queue, pool, groups, index):
+    """The worker hosts that run this queue's pool: the pool's `hosts`, else the queue's, else
+    every host of the group celery_workers."""
+    settings = (queue.get("pools") or {}).get(pool) or {}
+    if "hosts" in settings:
+        return _placement(settings["hosts"], groups, f"celery_stack_queues[{index}].pools.{pool}.hosts")
+    if "hosts" in queue:
+        return _placement(queue["hosts"], groups, f"celery_stack_queues[{index}].hosts")
+    return list(groups.get(WORKER_GROUP, []))
+
+
+def problems(queues, groups, default_queue="", app=None):
+    """Rules across fields of the stack description, as messages naming the inventory variable.
+
+    Run by the preflight (roles/celery_stack) after the argument spec has checked the types, so
+    every value has the right shape except where the spec converts silently (a string where a
+    list belongs), which is checked here.
+    """
+    found = []
+    workers = list(groups.get(WORKER_GROUP, []))
+    if not workers:
+        found.append(
+            "the inventory has no host in group celery_workers: the brokers and Redis would be set up "
+            "for workers that do not exist (Redis would listen on loopback only). Add the worker hosts, "
+            "or limit the run (--limit) instead of dropping the group")
+    if not queues:
+        found.append("celery_stack_queues: the routing table lists no queue")
+    names = []
+    earlier_globs = []  # (pattern, queue name) of the queues before this one
+    exact = {}
+    for index, queue in enumerate(queues or []):
+        where = f"celery_stack_queues[{index}]"
+        name = queue.get("name", "")
+        names.append(name)
+        where_named = f"{where} ({name})"
+        if not QUEUE_NAME.match(name):
+            found.append(f"{where}.name {name!r}: letters, digits, '_', '.' and '-' only (it names systemd units)")
+        if names.count(name) > 1:
+            found.append(f"{where_named}: the queue name appears twice in the table")
+        for key in ("tasks", "hosts"):
+            if isinstance(queue.get(key), str):
+                found.append(f"{where_named}.{key} is the string {queue[key]!r}: give a list, e.g. [{queue[key]!r}]")
+        pools = queue.get("pools") or {}
+        placed = False
+        for pool in POOLS:
+            settings = pools.get(pool) or {}
+            pwhere = f"{where_named}.pools.{pool}"
+            if isinstance(settings.get("hosts"), str):
+                found.append(f"{pwhere}.hosts is the string {settings['hosts']!r}: give a list")
+                continue
+            if pool == "threads":
+                misplaced = sorted(set(settings) & set(PREFORK_ONLY))
+                if misplaced:
+                    found.append(f"{pwhere}: the threads pool cannot enforce {', '.join(misplaced)} (Celery "
+                                 "ignores them there, celery #9203): move them to prefork or route the task there")
+            for option in ("concurrency", "prefetch_multiplier"):
+                if option in settings and int(settings[option]) < 1:
+                    found.append(f"{pwhere}.{option} must be at least 1, got {settings[option]}")
+            for option in ("max_tasks_per_child", "max_memory_per_child", "time_limit", "soft_time_limit"):
+                if option in settings and int(settings[option]) < 0:
+                    found.append(f"{pwhere}.{option} must be 0 (off) or more, got {settings[option]}")
+            hard, soft = int(settings.get("time_limit", 0)), int(settings.get("soft_time_limit", 0))
+            if hard and soft and soft >= hard:
+                found.append(f"{pwhere}: soft_time_limit ({soft}) must be below time_limit ({hard})")
+            if not _enabled(settings) or isinstance(queue.get("hosts"), str):
+                continue
+            try:
+                hosts = _pool_hosts(queue, pool, groups, index)
+            except AnsibleFilterError as error:
+                found.append(str(error))
+                continue
+            strangers = [h for h in hosts if h not in workers]
+            if strangers:
+                found.append(f"{pwhere}: {', '.join(strangers)} not in group celery_workers (only worker hosts "
+                             "run workers)")
+            placed = placed or bool(hosts)
+        if not placed and not isinstance(queue.get("hosts"), str):
+            found.append(f"{where_named}: no enabled pool runs on any worker host, so its tasks would have no "
+                         "consumer (PENDING for ever): enable a pool or place it on a host of celery_workers")
+        tasks = queue.get("tasks") or []
+        if isinstance(tasks, str):
+            tasks = []
+        for pattern in tasks:
+            if _is_glob(pattern):
+                for glob, owner in earlier_globs:
+                    if fnmatch.fnmatchcase(pattern, glob):
+                        found.append(f"{where_named}.tasks: {pattern!r} is already captured by {glob!r} of queue "
+                                     f"{owner} (globs are tried in table order): put the narrower pattern in an "
+                                     "earlier queue, or narrow the earlier glob")
+            elif pattern in exact and exact[pattern] != name:
+                found.append(f"{where_named}.tasks: {pattern!r} is routed to queue {exact[pattern]} already")
+            else:
+                exact[pattern] = name
+        earlier_globs.extend((p, name) for p in tasks if _is_glob(p))
+    if default_queue and default_queue not in names:
+        found.append(f"celery_stack_default_queue {default_queue!r} is not a queue of celery_stack_queues: "
+                     f"unrouted tasks would wait where no worker consumes (one of {names}, or empty)")
+    if app:
+        source, kind = str(app.get("source", "")), app.get("kind")
+        try:
+            app_kind(source, kind)
+        except AnsibleFilterError as error:
+            found.append(str(error))
+    return found
+
+
+def app_kind(source, kind=None):
+    """How to install the application: requirement, file or directory (checked on the controller)."""
+    if kind == "directory" or (not kind and os.path.isdir(source)):
+        if not os.path.isdir(source):
+            raise AnsibleFilterError(f"celery_stack_app.source {source!r}: no such directory on the controller")
+        return "directory"
+    if kind == "file" or (not kind and os.path.isfile(source)):
+        if not os.path.isfile(source):
+            raise AnsibleFilterError(f"celery_stack_app.source {source!r}: no such file on the controller")
+        return "file"
+    if not kind and PATH_LIKE.search(source):
+        raise AnsibleFilterError(
+            f"celery_stack_app.source {source!r} looks like a path but nothing exists there on the controller "
+            "(relative paths start from the playbook's directory: give an absolute path, e.g. "
+            "\"{{ inventory_dir }}/../../app\"); set kind: requirement if it is a pip requirement")
+    return "requirement"
+
+
+def quorum_queues(setting, brokers=()):
+    """Quorum queues (replicated) when the inventory says so, else when there is more than one broker."""
+    if setting is None or setting == "":
+        return len(brokers or []) > 1
+    if isinstance(setting, str):
+        return setting.strip().lower() in ("true", "yes", "on", "1")
+    return bool(setting)
+
+
+def routing_table(queues, broker="rabbitmq", quorum=None, brokers=()):
+    """Per queue: name, task patterns, and the RabbitMQ queue type (None on a Redis broker): the
+    queue's own queue_type, else quorum_queues(quorum, brokers). The workers' config and the
+    broker's queue-type check both come from here, so they cannot disagree."""
+    default_type = "quorum" if quorum_queues(quorum, brokers) else "classic"
+    return [{"name": queue["name"], "tasks": list(queue.get("tasks") or []),
+             "queue_type": (queue.get("queue_type") or default_type) if broker == "rabbitmq" else None}
+            for queue in queues]
+
+
+def queue_type_changes(wanted, listings):
+    """The routed queues that exist on the broker with another type than the table's.
+
+    wanted: rabbitmq_stack_queues ({vhost, name, queue_type}); listings: the registered results of
+    `rabbitmqctl list_queues -p VHOST name type --formatter json`, one per vhost (item = vhost).
+    """
+    existing = {(result["item"], queue["name"]): queue["type"]
+                for result in listings for queue in json.loads(result["stdout"] or "[]")}
+    return [dict(queue, existing=existing[(queue["vhost"], queue["name"])]) for queue in wanted
+            if existing.get((queue["vhost"], queue["name"]), queue["queue_type"]) != queue["queue_type"]]
+
+
+def celery_routing(table, default_queue=""):
+    """The routing part of the generated Celery settings (JSON-able; the module on the host turns
+    the queue entries into kombu Queues): routes in table order, one topic exchange per queue,
+    bound with the queue's name, and the queue that unrouted tasks go to."""
+    default = default_queue or (table[0]["name"] if table else "celery")
+    return {
+        "task_routes": [[pattern, entry["name"]] for entry in table for pattern in entry["tasks"]],
+        "task_queues": [{"name": entry["name"], "exchange": entry["name"], "exchange_type": "topic",
+                         "routing_key": entry["name"], "queue_type": entry["queue_type"]} for entry in table],
+        "task_default_queue": default,
+        "task_default_exchange": default,
+        "task_default_exchange_type": "topic",
+        "task_default_routing_key": default,
+        "quorum": any(entry["queue_type"] == "quorum" for entry in table),
+    }
+
+
+def worker_instances(queues, host, groups, pool_defaults, prefetch_multiplier=1):
+    """The worker instances of `host`: one per queue x enabled pool placed on it, in table order.
+
+    Pool settings are the table's over `pool_defaults` (celery_worker_pool_defaults); prefork-only
+    options are 0 (off) for threads workers.
+    """
+    instances = []
+    for index, queue in enumerate(queues):
+        for pool in POOLS:
+            settings = dict(pool_defaults.get(pool) or {})
+            settings.update((queue.get("pools") or {}).get(pool) or {})
+            if not _enabled(settings) or host not in _pool_hosts(queue, pool, groups, index):
+                continue
+            instance = {
+                "instance": f"{queue['name']}-{pool}",
+                "queue": queue["name"],
+                "pool": pool,
+                "concurrency": int(settings.get("concurrency", 1)),
+                "prefetch_multiplier": int(settings.get("prefetch_multiplier", prefetch_multiplier)),
+            }
+            for option in PREFORK_ONLY:
+                instance[option] = int(settings.get(option, 0)) if pool == "prefork" else 0
+            instances.append(instance)
+    return instances
+
+
+def _credentials(user, password):
+    # quote(safe="") encodes every reserved character, "/" included (Jinja's urlencode keeps it).
+    return f"{quote(str(user), safe='')}:{quote(str(password), safe='')}@" if user or password else ""
+
+
+def broker_url(hosts, broker="rabbitmq", user="", password="", vhost="/", db=0, port=None):
+    """Every broker host, `;`-separated, so kombu fails over between them."""
+    scheme, default_port = ("amqp", 5672) if broker == "rabbitmq" else ("redis", 6379)
+    path = quote(str(vhost), safe="") if broker == "rabbitmq" else str(int(db))
+    port = int(port or default_port)
+    return ";".join(f"{scheme}://{_credentials(user, password)}{h}:{port}/{path}" for h in hosts)
+
+
+def redis_url(host, port=6379, db=0, user="", password=""):
+    return f"redis://{_credentials(user, password)}{host}:{int(port)}/{int(db)}"
+
+
+def addresses(hosts, inventory_hostname, hostvars):
+    """How `inventory_hostname` reaches each host: itself on 127.0.0.1, the others by their
+    celery_stack_address (default: the inventory name, resolved by DNS)."""
+    return ["127.0.0.1" if h == inventory_hostname else (hostvars[h].get("celery_stack_address") or h)
+            for h in hosts]
+
+
+def rabbitmq_nodes(hosts, hostvars):
+    """Node names as RabbitMQ names them: rabbit@<short host name> (from the facts the preflight
+    gathered; without them, e.g. under --limit, from the inventory name)."""
+    nodes = []
+    for h in hosts:
+        name = hostvars[h].get("rabbitmq_nodename") or "rabbit"
+        if "@" not in name:
+            facts = hostvars[h].get("ansible_facts") or {}
+            name = f"{name}@{facts.get('hostname') or h.split('.')[0]}"
+        nodes.append(name)
+    return nodes
+
+
+def redis_broker_keys(queue_names):
+    """Keys of kombu's Redis transport for these queues (and Celery's default queue "celery"), each
+    with its priority variants QUEUE\\x06\\x16{3,6,9} (glob QUEUE??[369])."""
+    names = list(dict.fromkeys(list(queue_names) + ["celery"]))
+    return [f"{name}{suffix}" for name in names for suffix in ("", "??[369]")]
+
+
+class FilterModule:
+    def filters(self):
+        return {f.__name__: f for f in (
+            problems, app_kind, quorum_queues, routing_table, queue_type_changes, celery_routing, worker_instances,
+            broker_url, redis_url, addresses, rabbitmq_nodes, redis_broker_keys)}

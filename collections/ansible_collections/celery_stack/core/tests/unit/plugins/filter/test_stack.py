@@ -1,0 +1,237 @@
+"""Unit tests of the stack's derived decisions (plugins/filter/stack.py), run by `make test`.
+
+Every case here was handled by Jinja in the roles before; the expected values are written out
+by hand, not computed by the code under test.
+"""
+
+import json
+import sys
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+# collections/ on the import path, as Ansible's collection loader would put it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[7]))
+
+from ansible_collections.celery_stack.core.plugins.filter import stack  # noqa: E402
+
+GROUPS = {
+    "all": ["mq1", "mq2", "redis1", "w1", "w2"],
+    "rabbitmq": ["mq1", "mq2"],
+    "redis": ["redis1"],
+    "celery_workers": ["w1", "w2"],
+    "cpu_workers": ["w1"],
+}
+POOL_DEFAULTS = {
+    "prefork": {"concurrency": 4, "max_tasks_per_child": 1000, "max_memory_per_child": 0,
+                "time_limit": 1500, "soft_time_limit": 1440},
+    "threads": {"concurrency": 8},
+}
+TABLE = [
+    {"name": "io", "tasks": ["app.tasks.crawl*"], "pools": {"threads": {"concurrency": 32}}},
+    {"name": "cpu", "tasks": ["app.tasks.parse", "app.tasks.cpu_*"], "queue_type": "classic",
+     "pools": {"prefork": {"concurrency": 2, "time_limit": 300, "soft_time_limit": 240},
+               "threads": {"enabled": False}}},
+]
+
+
+# --- queue types -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting, brokers, expected", [
+    (None, ["mq1"], False),          # one broker: classic
+    (None, ["mq1", "mq2"], True),    # a cluster: quorum
+    ("", ["mq1", "mq2"], True),
+    (False, ["mq1", "mq2"], False),  # the inventory decides
+    (True, ["mq1"], True),
+    ("False", ["mq1", "mq2"], False),  # a templated bool arrives as a string
+    ("true", [], True),
+])
+def test_quorum_queues(setting, brokers, expected):
+    assert stack.quorum_queues(setting, brokers) is expected
+
+
+def test_routing_table_types_each_queue_quorum_or_classic():
+    table = stack.routing_table(TABLE, "rabbitmq", None, ["mq1", "mq2"])
+    assert table == [
+        {"name": "io", "tasks": ["app.tasks.crawl*"], "queue_type": "quorum"},
+        # the queue's own queue_type wins over the stack's decision
+        {"name": "cpu", "tasks": ["app.tasks.parse", "app.tasks.cpu_*"], "queue_type": "classic"},
+    ]
+    assert [q["queue_type"] for q in stack.routing_table(TABLE, "rabbitmq", None, ["mq1"])] == ["classic", "classic"]
+    assert [q["queue_type"] for q in stack.routing_table(TABLE, "redis", True, [])] == [None, None]
+
+
+def test_celery_routing():
+    routing = stack.celery_routing(stack.routing_table(TABLE, "rabbitmq", True))
+    assert routing["task_routes"] == [["app.tasks.crawl*", "io"], ["app.tasks.parse", "cpu"],
+                                      ["app.tasks.cpu_*", "cpu"]]
+    assert routing["task_queues"][0] == {"name": "io", "exchange": "io", "exchange_type": "topic",
+                                         "routing_key": "io", "queue_type": "quorum"}
+    # the default queue: the first of the table unless the stack names one
+    assert routing["task_default_queue"] == routing["task_default_routing_key"] == "io"
+    assert stack.celery_routing(stack.routing_table(TABLE), "cpu")["task_default_exchange"] == "cpu"
+    assert routing["quorum"] is True
+    assert stack.celery_routing(stack.routing_table(TABLE, "rabbitmq", False))["quorum"] is False
+
+
+def test_queue_type_changes():
+    wanted = [{"vhost": "celery", "name": "io", "queue_type": "quorum"},
+              {"vhost": "celery", "name": "cpu", "queue_type": "classic"},
+              {"vhost": "celery", "name": "new", "queue_type": "quorum"}]
+    listings = [{"item": "celery", "stdout": json.dumps([{"name": "io", "type": "classic"},
+                                                         {"name": "cpu", "type": "classic"},
+                                                         {"name": "other", "type": "quorum"}])}]
+    assert stack.queue_type_changes(wanted, listings) == [
+        {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "classic"}]
+    assert stack.queue_type_changes(wanted, [{"item": "celery", "stdout": ""}]) == []
+
+
+# --- worker instances ----------------------------------------------------------------------------
+
+def test_worker_instances_fill_defaults_and_skip_disabled_pools():
+    instances = stack.worker_instances(TABLE, "w1", GROUPS, POOL_DEFAULTS, 1)
+    assert [i["instance"] for i in instances] == ["io-prefork", "io-threads", "cpu-prefork"]
+    io_prefork, io_threads, cpu_prefork = instances
+    assert io_prefork == {"instance": "io-prefork", "queue": "io", "pool": "prefork", "concurrency": 4,
+                          "prefetch_multiplier": 1, "max_tasks_per_child": 1000, "max_memory_per_child": 0,
+                          "time_limit": 1500, "soft_time_limit": 1440}
+    # the threads pool never gets prefork-only options, whatever the defaults hold
+    assert io_threads["concurrency"] == 32
+    assert io_threads["time_limit"] == io_threads["max_tasks_per_child"] == 0
+    assert (cpu_prefork["concurrency"], cpu_prefork["time_limit"], cpu_prefork["soft_time_limit"]) == (2, 300, 240)
+
+
+def test_worker_instances_placement():
+    table = [dict(TABLE[0]), dict(TABLE[1], hosts=["cpu_workers"])]
+    assert [i["instance"] for i in stack.worker_instances(table, "w1", GROUPS, POOL_DEFAULTS)] == \
+        ["io-prefork", "io-threads", "cpu-prefork"]
+    assert [i["instance"] for i in stack.worker_instances(table, "w2", GROUPS, POOL_DEFAULTS)] == \
+        ["io-prefork", "io-threads"]
+    # a pool's hosts override the queue's; host names work like group names
+    table[0] = dict(TABLE[0], pools={"threads": {"hosts": ["w2"]}})
+    assert [i["instance"] for i in stack.worker_instances(table, "w1", GROUPS, POOL_DEFAULTS)] == \
+        ["io-prefork", "cpu-prefork"]
+    assert [i["instance"] for i in stack.worker_instances(table, "w2", GROUPS, POOL_DEFAULTS)] == \
+        ["io-prefork", "io-threads"]
+
+
+def test_pool_enabled_as_string():
+    table = [{"name": "q", "tasks": [], "pools": {"threads": {"enabled": "false"}}}]
+    assert [i["pool"] for i in stack.worker_instances(table, "w1", GROUPS, POOL_DEFAULTS)] == ["prefork"]
+
+
+# --- URLs ----------------------------------------------------------------------------------------
+
+def test_broker_url_percent_encodes_credentials_and_vhost():
+    url = stack.broker_url(["mq1", "mq2"], "rabbitmq", "app@corp", "p@ss:w/rd#%", "celery/prod")
+    assert url == ("amqp://app%40corp:p%40ss%3Aw%2Frd%23%25@mq1:5672/celery%2Fprod;"
+                   "amqp://app%40corp:p%40ss%3Aw%2Frd%23%25@mq2:5672/celery%2Fprod")
+    first = urlsplit(url.split(";")[0])
+    assert (unquote(first.username), unquote(first.password)) == ("app@corp", "p@ss:w/rd#%")
+    assert stack.broker_url(["mq1"], "rabbitmq", "u", "p", "/") == "amqp://u:p@mq1:5672/%2F"
+    assert stack.broker_url(["r1"], "redis", "u", "p", db=2) == "redis://u:p@r1:6379/2"
+    assert stack.broker_url(["mq1"], "rabbitmq", "u", "p", "v", port="5673") == "amqp://u:p@mq1:5673/v"
+
+
+def test_redis_url():
+    assert stack.redis_url("10.0.0.2", "6380", 0, "celery-results", "p@ss:w/rd#%") == \
+        "redis://celery-results:p%40ss%3Aw%2Frd%23%25@10.0.0.2:6380/0"
+
+
+# --- hosts ---------------------------------------------------------------------------------------
+
+def test_addresses_and_nodes():
+    hostvars = {"mq1": {"ansible_facts": {"hostname": "broker-a"}}, "mq2.example.org": {"celery_stack_address": "10.0.0.12"},
+                "mq3": {"rabbitmq_nodename": "rabbit@custom"}}
+    assert stack.addresses(["mq1", "mq2.example.org"], "mq1", hostvars) == ["127.0.0.1", "10.0.0.12"]
+    assert stack.addresses(["mq1"], "w1", hostvars) == ["mq1"]
+    assert stack.rabbitmq_nodes(["mq1", "mq2.example.org", "mq3"], hostvars) == \
+        ["rabbit@broker-a", "rabbit@mq2", "rabbit@custom"]
+
+
+def test_redis_broker_keys():
+    assert stack.redis_broker_keys(["io", "celery"]) == ["io", "io??[369]", "celery", "celery??[369]"]
+
+
+# --- the rules across fields ---------------------------------------------------------------------
+
+def _problems(queues, groups=GROUPS, default_queue="", app=None):
+    return stack.problems(queues, groups, default_queue, app)
+
+
+def test_a_valid_table_has_no_problem(tmp_path):
+    assert _problems(TABLE, app={"source": str(tmp_path), "module": "x"}) == []
+    assert _problems(TABLE, app={"source": "acme==1.0", "module": "x"}) == []
+
+
+def test_tasks_given_as_a_string():
+    [problem] = _problems([{"name": "io", "tasks": "app.tasks.crawl"}])
+    assert "celery_stack_queues[0] (io).tasks is the string" in problem
+
+
+def test_a_queue_without_an_enabled_pool():
+    [problem] = _problems([{"name": "io", "tasks": ["a.*"],
+                            "pools": {"prefork": {"enabled": False}, "threads": {"enabled": False}}}])
+    assert "celery_stack_queues[0] (io)" in problem and "no enabled pool" in problem
+
+
+def test_a_queue_placed_on_no_worker_host():
+    problems = _problems([{"name": "io", "tasks": ["a.*"], "hosts": ["mq1"]}])
+    assert any("mq1 not in group celery_workers" in p for p in problems)
+    problems = _problems([{"name": "io", "tasks": ["a.*"], "hosts": ["nosuchhost"]}])
+    assert any("celery_stack_queues[0].hosts: 'nosuchhost' is neither a host nor a group" in p for p in problems)
+
+
+@pytest.mark.parametrize("earlier, later, captured", [
+    ("app.tasks.*", "app.tasks.parse_*", True),
+    ("app.*", "app.tasks.x*", True),
+    ("app.tasks.crawl*", "app.tasks.crawl*", True),
+    ("app.tasks.crawl*", "app.tasks.c*", False),   # overlaps, but the later one still gets app.tasks.cx
+    ("app.tasks.crawl*", "app.tasks.parse*", False),
+    ("app.tasks.*", "app.tasks.parse", False),     # an exact name wins over every glob
+])
+def test_a_pattern_captured_by_an_earlier_glob(earlier, later, captured):
+    table = [{"name": "first", "tasks": [earlier]}, {"name": "second", "tasks": [later]}]
+    problems = _problems(table)
+    assert bool(problems) is captured, problems
+    if captured:
+        assert f"celery_stack_queues[1] (second).tasks: {later!r} is already captured by {earlier!r}" in problems[0]
+
+
+def test_an_exact_name_in_two_queues():
+    problems = _problems([{"name": "a", "tasks": ["x.y"]}, {"name": "b", "tasks": ["x.y"]}])
+    assert problems == ["celery_stack_queues[1] (b).tasks: 'x.y' is routed to queue a already"]
+
+
+def test_prefork_only_options_on_threads_and_limits():
+    problems = _problems([{"name": "io", "tasks": [], "pools": {
+        "threads": {"time_limit": 10},
+        "prefork": {"concurrency": 0, "time_limit": 10, "soft_time_limit": 20}}}])
+    assert any("pools.threads: the threads pool cannot enforce time_limit" in p for p in problems)
+    assert any("pools.prefork.concurrency must be at least 1" in p for p in problems)
+    assert any("soft_time_limit (20) must be below time_limit (10)" in p for p in problems)
+
+
+def test_names_default_queue_and_no_workers():
+    problems = _problems([{"name": "bad name", "tasks": []}, {"name": "bad name", "tasks": []}], default_queue="nope")
+    assert any("celery_stack_queues[0].name 'bad name'" in p for p in problems)
+    assert any("the queue name appears twice" in p for p in problems)
+    assert any(p.startswith("celery_stack_default_queue 'nope'") for p in problems)
+    problems = _problems(TABLE, groups={**GROUPS, "celery_workers": []})
+    assert any("no host in group celery_workers" in p for p in problems)
+    assert _problems([]) and "lists no queue" in _problems([])[0]
+
+
+def test_application_source(tmp_path):
+    wheel = tmp_path / "app-1.0-py3-none-any.whl"
+    wheel.write_text("")
+    assert stack.app_kind(str(tmp_path)) == "directory"
+    assert stack.app_kind(str(wheel)) == "file"
+    assert stack.app_kind("acme[redis]==2.4.1") == "requirement"
+    assert stack.app_kind("git+https://example.org/acme.git") == "requirement"
+    for missing in (str(tmp_path / "nope"), "./app", "../app", "dist/app-1.0.tar.gz"):
+        [problem] = _problems(TABLE, app={"source": missing, "module": "x"})
+        assert problem.startswith(f"celery_stack_app.source {missing!r} looks like a path"), problem
+    [problem] = _problems(TABLE, app={"source": str(tmp_path / "gone"), "kind": "directory", "module": "x"})
+    assert "no such directory" in problem
