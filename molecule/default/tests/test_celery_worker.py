@@ -230,7 +230,9 @@ def test_demo_tasks_end_to_end(host, deployed, page_server):
         assert value["queue"] == queue, f"{task} was delivered from {value['queue']}, expected {queue}"
         assert instance.startswith(queue + "-"), f"{task} ran on {instance}, not a worker of queue {queue}"
         pool = instance[len(queue) + 1:]
-        assert pool in pools_of[queue]
+        # A worker of this host runs a pool it deploys; another host may run a queue this host
+        # does not (placement: celery_stack_queues[].hosts).
+        assert pool in (pools_of.get(queue, set()) if local else {"prefork", "threads"}), instance
         if pool == "threads":  # a thread of the worker's own process
             assert value["thread"] != "MainThread"
             assert not local or value["pid"] == main_pids[instance]
