@@ -30,10 +30,12 @@ lint() {
     ANSIBLE_INVENTORY_ANY_UNPARSED_IS_FAILED=true ansible-playbook site.yml -i "$inventory" --list-hosts >/dev/null
   done
 }
-# The stack's derived decisions (the celery_stack.core filters), as plain Python.
+# The stack's derived decisions (the celery_stack.core filters) and the settings module every
+# host imports (with real Celery), as plain Python.
 unit() {
-  echo "[test] unit tests of the collection celery_stack.core"
-  python -m pytest -q -p no:cacheprovider collections/ansible_collections/celery_stack/core/tests/unit
+  echo "[test] unit tests: the collection celery_stack.core and the settings module of the hosts"
+  python -m pytest -q -p no:cacheprovider collections/ansible_collections/celery_stack/core/tests/unit \
+    roles/celery_app/tests
 }
 run_scenario() {
   local scenario=${1%@*} debian=${1#*@} started

@@ -71,7 +71,7 @@ CASES = {
 }
 
 PROVISIONING_PLAYS = ("Provision the RabbitMQ brokers", "Provision the Redis result store",
-                      "Provision the Celery workers")
+                      "Provision the Celery workers", "Provision the Celery producers")
 
 
 def _run(playbook, extra_vars=None, inventory=None):
@@ -129,6 +129,28 @@ def test_an_inventory_without_worker_hosts_is_refused(tmp_path):
     (tmp_path / "group_vars").symlink_to(REPO / "inventories" / "local" / "group_vars")
     _assert_refused_in_preflight(*_run("site.yml", inventory=tmp_path / "hosts.yml"),
                                  "the inventory has no host in group celery_workers")
+
+
+def test_a_producer_host_without_the_producers_password_is_refused(tmp_path):
+    """A host in group celery_producers needs the producers' RabbitMQ password (8+ characters):
+    refused, naming the variable, and the (too short) value is not shown."""
+    inventory = yaml.safe_load(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).read_text())
+
+    def groups(node):  # every group mapping of the inventory, at any depth
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if isinstance(value, dict):
+                    yield name, value
+                    yield from groups(value.get("children"))
+
+    mirror_group = dict(groups(inventory))["apt_mirror"]
+    mirror = next(iter(mirror_group["hosts"]))
+    inventory.setdefault("all", {}).setdefault("children", {})["celery_producers"] = {"hosts": {mirror: None}}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "group_vars").symlink_to(REPO / "inventories" / "local" / "group_vars")
+    run, out = _run("site.yml", {"celery_stack_producer_password": "s3cr"}, inventory=tmp_path / "hosts.yml")
+    _assert_refused_in_preflight(run, out, "celery_producers need celery_stack_producer_password")
+    assert "s3cr" not in out
 
 
 def test_queue_type_change_stops_the_run_before_the_workers():

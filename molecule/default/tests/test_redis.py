@@ -5,7 +5,7 @@ Runs against every host of the `redis` group (molecule verify) or any host given
 values the scenario converges with.
 
 The Celery tests use a real Celery 5.7 + redis-py client on the Redis host: the worker venv of the
-celery_worker role (/opt/celery-stack/venv, present in the all-in-one scenario) or the python
+celery_app role (/opt/celery-stack/venv, present in the all-in-one scenario) or the python
 named by REDIS_TEST_CELERY_PYTHON. A missing client FAILS the test (no silent skip).
 """
 
@@ -68,7 +68,7 @@ def server_identity(host):
 def celery_python(host):
     if not host.file(CELERY_PYTHON).exists:
         pytest.fail(f"No Celery client on the Redis host: {CELERY_PYTHON} is missing. The "
-                    "all-in-one scenario gets it from the celery_worker role; elsewhere set "
+                    "all-in-one scenario gets it from the celery_app role; elsewhere set "
                     "REDIS_TEST_CELERY_PYTHON to a python with celery[redis] 5.7.")
     return CELERY_PYTHON
 

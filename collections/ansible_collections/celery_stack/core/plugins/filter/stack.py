@@ -7,9 +7,11 @@ decision is a plain function with unit tests (tests/unit/plugins/filter/test_sta
 
 - ``problems``: what the argument spec of roles/celery_stack cannot express (cross-field rules),
   each message naming the inventory variable;
-- ``quorum_queues``, ``routing_table``, ``celery_routing``: queue types, routes and the queue
-  declarations of the generated Celery config; ``queue_type_changes``: the queues whose type the
-  broker holds differently;
+- ``quorum_queues``, ``routing_table``, ``celery_routing``, ``celery_settings``: queue types,
+  routes, queue declarations and every other setting of the generated Celery config (the same on
+  workers and producers); ``queue_type_changes``: the queues whose type the broker holds
+  differently;
+- ``producer_permissions``: the RabbitMQ permissions of the producers' user (least privilege);
 - ``worker_instances``: the systemd worker instances (queue x pool) of one host, pool defaults
   filled in, placement (``hosts:``) applied;
 - ``broker_url``, ``redis_url``: connection URLs with percent-encoded credentials;
@@ -230,6 +232,61 @@ def celery_routing(table, default_queue=""):
     }
 
 
+def celery_settings(table, default_queue="", broker="rabbitmq", options=None, visibility_timeout=3600):
+    """The generated Celery settings, secrets aside (JSON-able): what celery_stack_config.apply()
+    sets on every host, worker or producer, so both publish and consume with the same routes,
+    queues and delivery guarantees.
+
+    options: the reliability settings by their Celery names (task_acks_late, ...), from the
+    celery_app role's variables. Quorum queues get publisher confirms (without them a message the
+    broker has not yet replicated can be lost); a Redis broker gets the visibility timeout.
+    """
+    routing = celery_routing(table, default_queue)
+    settings = {name: value for name, value in routing.items() if name != "quorum"}
+    settings.update(options or {})
+    if broker == "rabbitmq" and routing["quorum"]:
+        settings["task_default_queue_type"] = "quorum"
+        settings["broker_transport_options"] = {"confirm_publish": True}
+    elif broker == "redis":
+        settings["broker_transport_options"] = {"visibility_timeout": int(visibility_timeout)}
+    return settings
+
+
+def visibility_timeout(queues, setting=0):
+    """Redis broker: how long an unacknowledged message waits before it is delivered again. It
+    must exceed the longest task: `setting` when > 0, else 4 x the longest time_limit the routing
+    table sets, at least one hour."""
+    if int(setting or 0) > 0:
+        return int(setting)
+    limits = [int(((queue.get("pools") or {}).get(pool) or {}).get("time_limit") or 0)
+              for queue in queues for pool in POOLS]
+    return max([3600] + [4 * limit for limit in limits])
+
+
+# UUIDs: the reply queues of the rpc result backend (one per client, named by its thread oid).
+UUID_QUEUE = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def producer_permissions(table, result_backend="redis"):
+    """RabbitMQ permissions (configure, write, read regexes) of the producers' user: publish to
+    the routed queues' exchanges and nothing more.
+
+    - write: the exchanges of the routed queues (named like the queues), and with quorum queues
+      Celery's delayed-delivery exchanges (celery_delayed_<level>: countdown/ETA tasks);
+    - configure: nothing. The producers' settings never declare (the workers declare the queues),
+      so an application that ignores the routing table and publishes to Celery's default queue
+      `celery` is refused (ACCESS_REFUSED raised by .delay()) instead of creating a queue that no
+      worker consumes, where its tasks would stay PENDING for ever;
+    - read: nothing, so a producer cannot consume (take) tasks.
+    With the rpc result backend the client declares and reads its own reply queue (a UUID).
+    """
+    names = [re.escape(entry["name"]) for entry in table]
+    if any(entry.get("queue_type") == "quorum" for entry in table):
+        names.append("celery_delayed_[0-9]+")
+    replies = f"^{UUID_QUEUE}$" if result_backend == "rpc" else "^$"
+    return {"configure": replies, "write": f"^({'|'.join(names)})$" if names else "^$", "read": replies}
+
+
 def worker_instances(queues, host, groups, pool_defaults, prefetch_multiplier=1):
     """The worker instances of `host`: one per queue x enabled pool placed on it, in table order.
 
@@ -303,5 +360,6 @@ def redis_broker_keys(queue_names):
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
-            problems, app_kind, quorum_queues, routing_table, queue_type_changes, celery_routing, worker_instances,
+            problems, app_kind, quorum_queues, routing_table, queue_type_changes, celery_routing, celery_settings,
+            visibility_timeout, producer_permissions, worker_instances,
             broker_url, redis_url, addresses, rabbitmq_nodes, redis_broker_keys)}

@@ -5,6 +5,7 @@ by hand, not computed by the code under test.
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -73,6 +74,53 @@ def test_celery_routing():
     assert stack.celery_routing(stack.routing_table(TABLE), "cpu")["task_default_exchange"] == "cpu"
     assert routing["quorum"] is True
     assert stack.celery_routing(stack.routing_table(TABLE, "rabbitmq", False))["quorum"] is False
+
+
+RELIABILITY = {"task_acks_late": True, "worker_prefetch_multiplier": 1}
+
+
+def test_celery_settings_on_quorum_queues_publish_with_confirms():
+    settings = stack.celery_settings(stack.routing_table(TABLE, "rabbitmq", True), "", "rabbitmq", RELIABILITY)
+    assert settings["task_default_queue"] == "io"
+    assert settings["task_acks_late"] is True and settings["worker_prefetch_multiplier"] == 1
+    assert settings["task_default_queue_type"] == "quorum"
+    assert settings["broker_transport_options"] == {"confirm_publish": True}
+    assert "quorum" not in settings  # a derived flag, not a Celery setting
+    json.dumps(settings)  # written to the host as JSON
+
+
+def test_celery_settings_on_classic_queues_and_on_redis():
+    classic = stack.celery_settings(stack.routing_table(TABLE, "rabbitmq", False), "cpu", "rabbitmq", {})
+    assert "task_default_queue_type" not in classic and "broker_transport_options" not in classic
+    assert classic["task_default_queue"] == "cpu"
+    redis = stack.celery_settings(stack.routing_table(TABLE, "redis"), "", "redis", {}, 7200)
+    assert redis["broker_transport_options"] == {"visibility_timeout": 7200}
+
+
+def test_visibility_timeout():
+    assert stack.visibility_timeout(TABLE) == 3600           # 4 x 300 s is below one hour
+    long_table = [{"name": "slow", "pools": {"prefork": {"time_limit": 5000}}}]
+    assert stack.visibility_timeout(long_table) == 20000
+    assert stack.visibility_timeout(long_table, "900") == 900  # the inventory decides
+
+
+def test_producer_permissions_publish_only():
+    table = stack.routing_table(TABLE, "rabbitmq", False)
+    permissions = stack.producer_permissions(table)
+    assert permissions == {"configure": "^$", "write": "^(io|cpu)$", "read": "^$"}
+    write = re.compile(permissions["write"])
+    assert write.match("io") and write.match("cpu")
+    assert not write.match("celery") and not write.match("iox") and not write.match("amq.default")
+
+
+def test_producer_permissions_quorum_and_rpc():
+    table = stack.routing_table([{"name": "a.b"}], "rabbitmq", True)
+    permissions = stack.producer_permissions(table, "rpc")
+    write = re.compile(permissions["write"])
+    assert write.match("a.b") and write.match("celery_delayed_27") and not write.match("aXb")
+    reply = re.compile(permissions["read"])
+    assert reply.match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11") and not reply.match("io")
+    assert permissions["configure"] == permissions["read"]
 
 
 def test_queue_type_changes():

@@ -1,0 +1,1 @@
+"""The example app: routed Celery tasks and the Visit rows the I/O task writes."""

@@ -1,0 +1,105 @@
+# Managed by Ansible (role celery_app of celery-stack): local changes are overwritten.
+"""The Celery settings of the celery-stack deployment, for every process of the application.
+
+One line applies them to a Celery app, on a worker host or a producer host (a web process that
+only sends tasks)::
+
+    import celery_stack_config
+    celery_stack_config.apply(app)
+
+``apply`` is ``app.conf.update(settings())``: Celery gives ``conf.update`` precedence over the
+app's ``config_from_object`` source (also a lazily loaded one, such as Django's settings), so
+every setting below wins over the app's own value and every other setting stays as the app sets
+it. The workers run ``celery -A celery_stack_app``, a wrapper that loads the app and calls
+``apply``; calling it twice changes nothing.
+
+What is applied (written by the deployment next to this file, celery_stack_config.json): the
+routes of THE routing table, its queues with their exchange and queue type, the default queue,
+the reliability settings (acks, publisher confirms, ...) and any extra settings of the inventory.
+No secrets there: the broker and result-backend URLs come from the environment
+(CELERY_STACK_BROKER_URL, CELERY_STACK_RESULT_BACKEND), or else from the deployment's
+EnvironmentFile, readable by root and the application's group only.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from kombu import Exchange, Queue
+
+DATA_FILE = Path(__file__).with_suffix(".json")
+DATA = json.loads(DATA_FILE.read_text(encoding="utf-8"))
+
+APP_MODULE = DATA["app_module"]
+SECRETS_FILE = DATA["secrets_file"]
+BROKER_TYPE = DATA["broker_type"]
+# THE routing table as deployed: per queue its name, task patterns and queue type.
+ROUTING_TABLE = DATA["table"]
+DEFAULT_QUEUE = DATA["settings"]["task_default_queue"]
+
+
+def read_environment_file(path=SECRETS_FILE):
+    """NAME="value" lines of an EnvironmentFile as systemd reads them (\\" and \\\\ escaped)."""
+    values = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except OSError:
+        return values
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, value = line.split("=", 1)
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        values[name.strip()] = value
+    return values
+
+
+def load_environment(path=SECRETS_FILE):
+    """Put the EnvironmentFile's variables (e.g. DJANGO_SETTINGS_MODULE, the app's own settings)
+    into os.environ, where they are not set already: for processes systemd did not start with
+    that file, such as a management command run by hand."""
+    for name, value in read_environment_file(path).items():
+        os.environ.setdefault(name, value)
+
+
+def _secret(name):
+    value = os.environ.get(name) or read_environment_file().get(name)
+    if not value:
+        raise RuntimeError(
+            f"{name} is not set: run under the deployment's systemd units, or as a member of the "
+            f"application's group so that {SECRETS_FILE} can be read"
+        )
+    return value
+
+
+def _queue(entry, declare):
+    # A topic exchange per queue, bound with the queue's name: routes like a direct exchange,
+    # and Celery's native delayed delivery (ETA/countdown on quorum queues) needs topic. The type
+    # is always explicit on RabbitMQ: a queue declared without one gets the vhost's default type
+    # (quorum on RabbitMQ 4.x), which Celery would not know about. Producer-only hosts never
+    # declare (their broker user may not): the workers declare the queues, the producers publish.
+    arguments = {"x-queue-type": entry["queue_type"]} if entry["queue_type"] else None
+    exchange = Exchange(entry["exchange"], type=entry["exchange_type"], no_declare=not declare)
+    return Queue(entry["name"], exchange, routing_key=entry["routing_key"], queue_arguments=arguments,
+                 no_declare=not declare)
+
+
+def settings():
+    """The deployment's Celery settings, secrets included (they win over the app's own)."""
+    conf = dict(DATA["settings"])
+    conf["task_queues"] = tuple(_queue(entry, DATA["declare_queues"]) for entry in conf["task_queues"])
+    # Exact task names first, then the globs in table order; one queue each.
+    conf["task_routes"] = ([(pattern, {"queue": queue}) for pattern, queue in conf["task_routes"]],)
+    for setting, variable in DATA["secrets"].items():
+        conf[setting] = _secret(variable)
+    return conf
+
+
+def apply(app):
+    """Apply the deployment's settings on top of the application's own configuration."""
+    app.conf.update(settings())
+    return app
