@@ -18,7 +18,7 @@ stop_dockerd() {
 trap stop_dockerd EXIT
 
 # Every scenario, and the Debian releases it runs on.
-all_scenarios=(default@12 default@13 cluster@13)
+all_scenarios=(default@12 default@13 cluster@13 django@13)
 
 lint() {
   echo "[test] yamllint"; yamllint --strict .
