@@ -112,7 +112,9 @@ def test_every_routed_task_runs_on_its_queue_and_pool(host, page):
         instance, _, node = value["hostname"].partition("@")
         # A countdown on quorum queues goes through Celery's delayed-delivery exchanges, which
         # deliver with a routing key of delay bits ending in the queue's name.
-        delivered = value["queue"].rsplit(".", 1)[-1] if value["exchange"] == "celery_delayed_delivery" else value["queue"]
+        delivered = value["queue"]
+        if value["exchange"] == "celery_delayed_delivery":
+            delivered = delivered.rsplit(".", 1)[-1]
         assert delivered == queue, result
         assert instance in (f"{queue}-prefork", f"{queue}-threads"), result
         assert node != me, result  # a worker host ran it, the producer runs none
