@@ -9,17 +9,13 @@ accepted. Also: a change of the routed queues' type, which only the running brok
 stops the run in the broker play, before any worker is touched.
 """
 
-import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import yaml
+from playbook_runs import REPO, assert_refused_in_preflight, run
 
-REPO = pathlib.Path(__file__).resolve().parents[3]
-BIN = pathlib.Path(sys.executable).parent
 DEMO = "celery_stack_demo.tasks"
 
 pytestmark = pytest.mark.skipif(
@@ -70,34 +66,10 @@ CASES = {
     "an evicting Redis with a broker user": ({"redis_maxmemory_policy": "allkeys-lru"}, "redis_maxmemory_policy"),
 }
 
-PROVISIONING_PLAYS = ("Provision the RabbitMQ brokers", "Provision the Redis result store",
-                      "Provision the Celery workers", "Provision the Celery producers")
-
-
-def _run(playbook, extra_vars=None, inventory=None):
-    argv = [str(BIN / "ansible-playbook"), playbook, "-i", str(inventory or os.environ["MOLECULE_INVENTORY_FILE"])]
-    if extra_vars:
-        argv += ["-e", json.dumps(extra_vars)]
-    run = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False,
-                         env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"})
-    return run, run.stdout + run.stderr
-
-
-def _assert_refused_in_preflight(run, out, expected):
-    assert run.returncode != 0, out
-    assert "PLAY [Validate the inventory before any host is changed]" in out, out
-    # Extra vars are never echoed and no task name holds a variable name: the text comes from
-    # the failure message (on stderr under Molecule, on stdout otherwise).
-    assert expected in out, out
-    assert "Traceback" not in out and "TemplateSyntaxError" not in out, out
-    for play in PROVISIONING_PLAYS:
-        assert f"PLAY [{play}]" not in out, f"{play} started despite invalid input"
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_fails_before_any_host_is_changed(case):
     extra_vars, expected = CASES[case]
-    _assert_refused_in_preflight(*_run("site.yml", extra_vars), expected)
+    assert_refused_in_preflight(*run("site.yml", extra_vars), expected)
 
 
 @pytest.mark.parametrize("extra_vars", [
@@ -108,8 +80,8 @@ def test_bad_input_fails_before_any_host_is_changed(case):
     {"celery_stack_queues": [{"name": "io", "tasks": [f"{DEMO}.*"]}, {"name": "cpu", "tasks": [f"{DEMO}.run_add"]}]},
 ], ids=["as deployed", "quoted ports", "exact name after a glob"])
 def test_valid_input_passes_the_preflight(extra_vars):
-    run, out = _run("playbooks/preflight.yml", extra_vars)
-    assert run.returncode == 0, out
+    result, out = run("playbooks/preflight.yml", extra_vars)
+    assert result.returncode == 0, out
 
 
 def test_an_inventory_without_worker_hosts_is_refused(tmp_path):
@@ -127,7 +99,7 @@ def test_an_inventory_without_worker_hosts_is_refused(tmp_path):
     drop_workers(inventory)
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     (tmp_path / "group_vars").symlink_to(REPO / "inventories" / "local" / "group_vars")
-    _assert_refused_in_preflight(*_run("site.yml", inventory=tmp_path / "hosts.yml"),
+    assert_refused_in_preflight(*run("site.yml", inventory=tmp_path / "hosts.yml"),
                                  "the inventory has no host in group celery_workers")
 
 
@@ -148,16 +120,16 @@ def test_a_producer_host_without_the_producers_password_is_refused(tmp_path):
     inventory.setdefault("all", {}).setdefault("children", {})["celery_producers"] = {"hosts": {mirror: None}}
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     (tmp_path / "group_vars").symlink_to(REPO / "inventories" / "local" / "group_vars")
-    run, out = _run("site.yml", {"celery_stack_producer_password": "s3cr"}, inventory=tmp_path / "hosts.yml")
-    _assert_refused_in_preflight(run, out, "celery_producers need celery_stack_producer_password")
+    result, out = run("site.yml", {"celery_stack_producer_password": "s3cr"}, inventory=tmp_path / "hosts.yml")
+    assert_refused_in_preflight(result, out, "celery_producers need celery_stack_producer_password")
     assert "s3cr" not in out
 
 
 def test_queue_type_change_stops_the_run_before_the_workers():
     """One broker: the routed queues exist as classic queues. Asking for quorum queues must stop
     the broker play, naming the queue and the setting, before users or workers are touched."""
-    run, out = _run("site.yml", {"celery_stack_quorum_queues": True})
-    assert run.returncode != 0, out
+    result, out = run("site.yml", {"celery_stack_quorum_queues": True})
+    assert result.returncode != 0, out
     assert "exists as a classic queue" in out and "celery_stack_quorum_queues" in out, out
     assert "PLAY [Provision the Celery workers]" not in out
     assert "Create the users and set their passwords" not in out
