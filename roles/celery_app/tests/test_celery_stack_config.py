@@ -3,8 +3,10 @@ real Celery and kombu: run by `make test` (test.sh unit). The JSON beside the mo
 the role writes, built here by the same filter (celery_stack.core.celery_settings)."""
 
 import importlib
-import os
+import importlib.util
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -118,3 +120,44 @@ def test_extra_settings_win(deployed, monkeypatch):
     monkeypatch.setenv("CELERY_STACK_BROKER_URL", "amqp://u:p@mq1:5672/celery")
     config = deployed(secrets={"broker_url": "CELERY_STACK_BROKER_URL"}, extra={"worker_send_task_events": True})
     assert config.settings()["worker_send_task_events"] is True
+
+
+def test_every_generated_setting_is_one_celery_knows(deployed, monkeypatch):
+    """A misspelt setting would be stored and silently ignored by Celery. Known: declared in
+    Celery's defaults, or read by name by its Redis result backend (which reads some, such as
+    redis_backend_health_check_interval, without declaring them)."""
+    from celery.app.defaults import NAMESPACES, flatten
+
+    redis_backend = (Path(importlib.util.find_spec("celery").origin).parent / "backends" / "redis.py").read_text()
+    known = {name for name, _ in flatten(NAMESPACES)}
+    known |= set(re.findall(r"_get\('(\w+)'\)", redis_backend))
+    monkeypatch.setenv("CELERY_STACK_BROKER_URL", "amqp://u:p@mq1:5672/celery")
+    monkeypatch.setenv("CELERY_STACK_RESULT_BACKEND", "redis://r:s@redis1:6379/0")
+    monkeypatch.setenv("CELERY_POOL", "threads")
+    config = deployed()
+    assert set(config.settings()) - known == set()
+    assert config.settings()["result_backend_always_retry"] is True
+    assert config.settings()["redis_backend_health_check_interval"] > 0
+
+
+@pytest.mark.parametrize("pool, cancels", [("prefork", True), ("threads", False), (None, None)])
+def test_only_prefork_workers_cancel_running_tasks_on_a_lost_connection(deployed, monkeypatch, pool, cancels):
+    """The threads pool cannot cancel a task (no kill_job); producers and beat (no CELERY_POOL)
+    keep Celery's own value."""
+    monkeypatch.setenv("CELERY_STACK_BROKER_URL", "amqp://u:p@mq1:5672/celery")
+    if pool:
+        monkeypatch.setenv("CELERY_POOL", pool)
+    else:
+        monkeypatch.delenv("CELERY_POOL", raising=False)
+    config = deployed(secrets={"broker_url": "CELERY_STACK_BROKER_URL"})
+    app = config.apply(Celery("acme", set_as_current=False))
+    setting = "worker_cancel_long_running_tasks_on_connection_loss"
+    assert config.settings().get(setting) is cancels
+    if pool == "threads":
+        from celery.concurrency import get_implementation
+        from celery.concurrency.base import BasePool
+
+        # why: the threads pool still has only the base pool's terminate_job, which raises
+        # NotImplementedError (revisit POOL_SETTINGS when Celery implements it)
+        assert get_implementation("threads").terminate_job is BasePool.terminate_job
+    assert app.conf[setting] is (cancels if cancels is not None else False)

@@ -92,3 +92,22 @@ def crawl_and_store(self, url, timeout=10):
         "row_id": row_id,
         **_where(self.request),
     }
+
+
+# Where crawl_probe records its completions: the worker service's state directory by default.
+PROBE_DIR_ENV = "CELERY_STACK_DEMO_PROBE_DIR"
+DEFAULT_PROBE_DIR = "/var/lib/celery-stack"
+
+
+@app.task(bind=True)
+def crawl_probe(self, run, index, seconds):
+    """The fault suite's task (molecule/shared/faults): waits like a network call would, then
+    appends "<index> <worker> <unix time>" to probe-<run>.log on the worker host. One line per
+    COMPLETED execution, so a task that ran to the end twice shows twice, and one that never ran
+    does not show."""
+    time.sleep(float(seconds))
+    path = os.path.join(os.environ.get(PROBE_DIR_ENV, DEFAULT_PROBE_DIR), f"probe-{run}.log")
+    # One short write() in append mode: lines of concurrent threads and processes never mix.
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"{int(index)} {self.request.hostname} {time.time():.3f}\n")
+    return index

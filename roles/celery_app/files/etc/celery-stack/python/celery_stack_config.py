@@ -15,7 +15,8 @@ it. The workers run ``celery -A celery_stack_app``, a wrapper that loads the app
 
 What is applied (written by the deployment next to this file, celery_stack_config.json): the
 routes of THE routing table, its queues with their exchange and queue type, the default queue,
-the reliability settings (acks, publisher confirms, ...) and any extra settings of the inventory.
+the reliability settings (acks, publisher confirms, result-store retries, ...) and any extra
+settings of the inventory; on a worker also what its pool needs (POOL_SETTINGS).
 No secrets there: the broker and result-backend URLs come from the environment
 (CELERY_STACK_BROKER_URL, CELERY_STACK_RESULT_BACKEND), or else from the deployment's
 EnvironmentFile, readable by root and the application's group only.
@@ -36,6 +37,17 @@ BROKER_TYPE = DATA["broker_type"]
 # THE routing table as deployed: per queue its name, task patterns and queue type.
 ROUTING_TABLE = DATA["table"]
 DEFAULT_QUEUE = DATA["settings"]["task_default_queue"]
+
+# What one pool's workers need on top (a worker unit runs with CELERY_POOL=<pool>). On a lost
+# broker connection the broker requeues every unacknowledged task, so a worker cancels those it
+# is still running rather than have them run twice at once: prefork kills them. The threads
+# pool cannot stop a thread (it has no kill_job: Celery would log NotImplementedError at every
+# connection loss), so its running tasks finish and may run once more (acks_late: tasks must
+# be idempotent).
+POOL_SETTINGS = {
+    "prefork": {"worker_cancel_long_running_tasks_on_connection_loss": True},
+    "threads": {"worker_cancel_long_running_tasks_on_connection_loss": False},
+}
 
 
 def read_environment_file(path=SECRETS_FILE):
@@ -94,6 +106,7 @@ def settings():
     conf["task_queues"] = tuple(_queue(entry, DATA["declare_queues"]) for entry in conf["task_queues"])
     # Exact task names first, then the globs in table order; one queue each.
     conf["task_routes"] = ([(pattern, {"queue": queue}) for pattern, queue in conf["task_routes"]],)
+    conf.update(POOL_SETTINGS.get(os.environ.get("CELERY_POOL", ""), {}))
     for setting, variable in DATA["secrets"].items():
         conf[setting] = _secret(variable)
     return conf

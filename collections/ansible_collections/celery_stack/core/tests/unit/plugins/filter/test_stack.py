@@ -91,10 +91,25 @@ def test_celery_settings_on_quorum_queues_publish_with_confirms():
 
 def test_celery_settings_on_classic_queues_and_on_redis():
     classic = stack.celery_settings(stack.routing_table(TABLE, "rabbitmq", False), "cpu", "rabbitmq", {})
-    assert "task_default_queue_type" not in classic and "broker_transport_options" not in classic
+    assert "task_default_queue_type" not in classic
+    # confirms on classic queues too: a broker crash must not lose what it accepted
+    assert classic["broker_transport_options"] == {"confirm_publish": True}
     assert classic["task_default_queue"] == "cpu"
     redis = stack.celery_settings(stack.routing_table(TABLE, "redis"), "", "redis", {}, 7200)
     assert redis["broker_transport_options"] == {"visibility_timeout": 7200}
+
+
+def test_celery_settings_retry_the_result_store():
+    table = stack.routing_table(TABLE, "rabbitmq", False)
+    on_redis = stack.celery_settings(table, "", "rabbitmq", {}, result_backend="redis")
+    assert on_redis["result_backend_always_retry"] is True
+    assert on_redis["redis_backend_health_check_interval"] > 0 and on_redis["redis_socket_keepalive"] is True
+    on_rpc = stack.celery_settings(table, "", "rabbitmq", {}, result_backend="rpc")
+    assert on_rpc["result_backend_always_retry"] is True
+    assert not any(name.startswith("redis_") for name in on_rpc)
+    # the role's variables win over the derived values
+    assert stack.celery_settings(table, "", "rabbitmq", {"result_backend_always_retry": False})[
+        "result_backend_always_retry"] is False
 
 
 def test_visibility_timeout():

@@ -1,0 +1,282 @@
+"""The fault suite: what each fault costs a running stack, one table row per fault.
+
+For each fault: a burst of I/O tasks (crawl_probe, queue io) is sent from the producer host by
+probe.py with the deployment's own settings; a moment after the burst is published, the fault
+strikes; then every result is read back. Each row counts:
+
+  sent        tasks published (a publish that raised is shown apart, as "refused");
+  completed   tasks whose result reads SUCCESS;
+  failed      tasks whose result reads FAILURE (crawl_probe never fails: every one is wrong);
+  stuck       tasks without a final state (PENDING, STARTED) when the client gave up (--wait
+              seconds after sending): the client cannot tell them from queued or running ones;
+              "never ran": of those, the ones no worker completed (the message was lost);
+  dup         tasks that ran to completion more than once (at-least-once delivery);
+  stall s     the longest time without any task completing, after the fault struck;
+  client s    the longest time a client's get() waited for the next result after the fault.
+
+Completions are read from the probe logs the task writes on the worker hosts. The hosts are
+containers of the inventory (the local stack, a Molecule scenario): faults that restart or
+kill a host use docker, the others systemctl inside the host.
+
+  python molecule/shared/faults/faults.py -i inventories/local [--tasks 1000] [--only a,b]
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+import uuid
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+PROBE_ON_HOST = "/var/tmp/celery-stack-probe.py"
+PROBE_DIR = "/var/lib/celery-stack"
+
+
+def sh(*argv, check=True, capture=True):
+    result = subprocess.run(argv, capture_output=capture, text=True, check=False)
+    if check and result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr or result.stdout}")
+    return result
+
+
+def on(host, command, check=True):
+    """A shell command inside a host, as root."""
+    return sh("docker", "exec", host, "sh", "-c", command, check=check)
+
+
+def wait_until(host, command, timeout=180):
+    end = time.time() + timeout
+    while time.time() < end:
+        if on(host, command, check=False).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"{host}: `{command}` did not succeed within {timeout} s")
+
+
+def inventory_groups(inventory):
+    listing = json.loads(sh(str(pathlib.Path(sys.executable).parent / "ansible-inventory"),
+                            "-i", inventory, "--list").stdout)
+    groups = {}
+
+    def walk(name):
+        node = listing.get(name, {})
+        hosts = list(node.get("hosts", []))
+        for child in node.get("children", []):
+            hosts += walk(child)
+        return list(dict.fromkeys(hosts))
+
+    for name in listing:
+        if name != "_meta":
+            groups[name] = walk(name)
+    return groups
+
+
+class Stack:
+    def __init__(self, groups, inventory):
+        self.inventory = inventory
+        self.brokers = groups.get("rabbitmq", [])
+        self.redis = groups.get("redis", [])
+        self.workers = groups["celery_workers"]
+        producers = [h for h in groups.get("celery_producers", []) if h not in self.workers]
+        self.producer = (producers or self.workers)[0]
+
+    # -- the services the faults need to see up again ---------------------------------------
+    def rabbitmq_up(self, host):
+        wait_until(host, "rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1")
+
+    def redis_up(self, host):
+        wait_until(host, "systemctl is-active -q redis-server")
+
+    def workers_up(self, host):
+        wait_until(host, "systemctl is-system-running --wait >/dev/null 2>&1; "
+                         "! systemctl list-units --no-legend --state=activating,failed 'celery-worker@*' | grep -q .")
+
+    def container_restarted(self, host, kill):
+        if kill:
+            sh("docker", "kill", "--signal", "KILL", host)
+            sh("docker", "start", host)
+        else:
+            sh("docker", "restart", host)
+        wait_until(host, "systemctl is-system-running --wait >/dev/null 2>&1 || true; true", timeout=60)
+
+
+def io_units(stack, host):
+    listing = on(host, "systemctl list-units --no-legend --plain 'celery-worker@io-*' | awk '{print $1}'").stdout
+    return listing.split()
+
+
+# name -> (what it does, function(stack) that strikes and returns when the faulted part is back)
+def _prefork_child_sigkill(stack):
+    for host in stack.workers:
+        on(host, "pkill -KILL -P $(systemctl show -p MainPID --value celery-worker@io-prefork.service)", check=False)
+
+
+def _worker_restart(stack):
+    for host in stack.workers:
+        on(host, "systemctl restart " + " ".join(io_units(stack, host)))
+
+
+def _rabbitmq_restart(stack):
+    on(stack.brokers[0], "systemctl restart rabbitmq-server")
+    stack.rabbitmq_up(stack.brokers[0])
+
+
+def _redis_restart(stack):
+    on(stack.redis[0], "systemctl restart redis-server")
+    stack.redis_up(stack.redis[0])
+
+
+def _worker_host_restart(stack):
+    stack.container_restarted(stack.workers[0], kill=False)
+    stack.workers_up(stack.workers[0])
+
+
+def _broker_host_crash(stack):
+    stack.container_restarted(stack.brokers[0], kill=True)
+    stack.rabbitmq_up(stack.brokers[0])
+
+
+def _broker_node_down(stack):
+    sh("docker", "kill", "--signal", "KILL", stack.brokers[-1])
+
+
+def _broker_node_back(stack):
+    sh("docker", "start", stack.brokers[-1])
+    stack.rabbitmq_up(stack.brokers[-1])
+
+
+FAULTS = {
+    "none": ("no fault (the baseline)", lambda stack: None),
+    "prefork-child-kill": ("SIGKILL of the io prefork worker's pool processes", _prefork_child_sigkill),
+    "worker-restart": ("systemctl restart of the io workers", _worker_restart),
+    "rabbitmq-restart": ("systemctl restart rabbitmq-server", _rabbitmq_restart),
+    "redis-restart": ("systemctl restart redis-server (the result store)", _redis_restart),
+    "worker-host-restart": ("docker restart of a worker host", _worker_host_restart),
+    "broker-host-crash": ("docker kill -s KILL of a broker host, then start", _broker_host_crash),
+    "broker-node-down": ("one of several broker nodes killed for the run", _broker_node_down),
+}
+# Put back after the run (not part of the fault's timing).
+AFTER = {"broker-node-down": _broker_node_back}
+NEEDS = {"broker-node-down": lambda stack: len(stack.brokers) > 1,
+         "rabbitmq-restart": lambda stack: bool(stack.brokers),
+         "broker-host-crash": lambda stack: bool(stack.brokers),
+         "redis-restart": lambda stack: bool(stack.redis)}
+
+
+def completions(stack, run):
+    """(index, unix time) of every completed execution, from the probe logs of all worker hosts."""
+    found = []
+    for host in stack.workers:
+        text = on(host, f"cat {PROBE_DIR}/probe-{run}.log 2>/dev/null; rm -f {PROBE_DIR}/probe-{run}.log",
+                  check=False).stdout
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                found.append((int(parts[0]), float(parts[2])))
+    return found
+
+
+def longest_gap(times, since):
+    points = sorted([since] + [t for t in times if t >= since])
+    return max((b - a for a, b in zip(points, points[1:])), default=0.0)
+
+
+def run_fault(stack, name, args):
+    run = f"{name}-{uuid.uuid4().hex[:8]}"
+    spec = {"run": run, "tasks": args.tasks, "seconds": args.seconds, "spread": 0, "wait": args.wait}
+    client = subprocess.Popen(
+        ["docker", "exec", stack.producer, args.python, PROBE_ON_HOST, json.dumps(spec)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = client.stdout.readline()
+    if not line.startswith("sent "):
+        raise SystemExit(f"the probe did not start: {line}{client.stderr.read()}")
+    time.sleep(args.delay)
+    struck = time.time()
+    FAULTS[name][1](stack)
+    back = time.time()
+    out, err = client.communicate()
+    if client.returncode != 0:
+        raise SystemExit(f"the probe failed: {err}")
+    if name in AFTER:
+        AFTER[name](stack)
+    report = json.loads(out.strip().splitlines()[-1])
+    done = completions(stack, run)
+    runs = {}
+    for index, _ in done:
+        runs[index] = runs.get(index, 0) + 1
+    states = {int(i): state for i, state in report["states"].items()}
+    pending = [i for i, state in states.items() if state not in ("SUCCESS", "FAILURE")]
+    return {
+        "fault": name,
+        "sent": report["sent"],
+        "refused": report["refused"],
+        "completed": sum(1 for state in states.values() if state == "SUCCESS"),
+        "failed": sum(1 for state in states.values() if state == "FAILURE"),
+        "stuck": len(pending),
+        "never_ran": sum(1 for i in pending if i not in runs),
+        "dup": sum(1 for count in runs.values() if count > 1),
+        "stall": round(longest_gap([t for _, t in done], struck), 1) if name != "none" else 0.0,
+        "client": round(longest_gap(report["get_ended"], struck), 1) if name != "none" else 0.0,
+        "outage": round(back - struck, 1),
+        "get_errors": report["get_errors"],
+        "notes": report["get_error_kinds"] + report["refused_errors"],
+    }
+
+
+COLUMNS = (("fault", 20), ("sent", 6), ("refused", 8), ("completed", 10), ("failed", 7), ("stuck", 6),
+           ("never_ran", 10), ("dup", 4), ("outage", 7), ("stall", 6), ("client", 7))
+
+
+def table(rows):
+    head = "| " + " | ".join(name.replace("_", " ").ljust(width) for name, width in COLUMNS) + " |"
+    rule = "|" + "|".join("-" * (width + 2) for _, width in COLUMNS) + "|"
+    lines = [head, rule]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row[name]).ljust(width) for name, width in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", "--inventory", default=str(REPO / "inventories" / "local"))
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks per fault (default 1000)")
+    parser.add_argument("--seconds", type=float, default=0.1, help="each task's duration (default 0.1)")
+    parser.add_argument("--delay", type=float, default=1.0,
+                        help="seconds between the burst being published and the fault (default 1)")
+    parser.add_argument("--wait", type=float, default=120.0,
+                        help="how long the client waits for results after sending (default 120)")
+    parser.add_argument("--only", default="", help="comma-separated faults (default: all that apply)")
+    parser.add_argument("--python", default="/opt/celery-stack/venv/bin/python",
+                        help="the deployment's venv python on the producer host")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+
+    stack = Stack(inventory_groups(args.inventory), args.inventory)
+    names = [n for n in (args.only.split(",") if args.only else FAULTS) if n]
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        raise SystemExit(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
+    names = [n for n in names if NEEDS.get(n, lambda s: True)(stack)]
+    sh("docker", "cp", str(HERE / "probe.py"), f"{stack.producer}:{PROBE_ON_HOST}")
+    print(f"{args.tasks} tasks of {args.seconds} s per fault, sent from {stack.producer}; the fault strikes "
+          f"{args.delay} s after the burst is published", flush=True)
+    rows = []
+    for name in names:
+        print(f"- {name}: {FAULTS[name][0]} ...", flush=True)
+        rows.append(run_fault(stack, name, args))
+        row = rows[-1]
+        print(f"  completed {row['completed']}/{row['sent']}, failed {row['failed']}, stuck {row['stuck']}, "
+              f"dup {row['dup']}, stall {row['stall']} s, client {row['client']} s"
+              + (f"; notes: {row['notes']}" if row["notes"] else ""), flush=True)
+    print()
+    print(table(rows))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
