@@ -1,14 +1,15 @@
 # One entry point for people and CI. Every target bootstraps what it needs (venv, Docker
 # engine, base images) itself; see molecule/shared/bootstrap.sh.
-.PHONY: up down status test lint bootstrap bench
+.PHONY: up down status test lint bootstrap bench faults
 
 ## up: bring up the local container stack and run site.yml against it (left running)
 up:
 	molecule/shared/local-stack.sh up
 
-## down: remove the local container stack
+## down: remove the local container stack (and the fault suite's Redis-broker stack)
 down:
 	molecule/shared/local-stack.sh down
+	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh down
 
 ## status: list the stack's containers
 status:
@@ -29,3 +30,11 @@ bootstrap:
 ## bench: prefork vs threads on I/O- and CPU-bound tasks, on the running local stack (make up)
 bench:
 	. .venv/bin/activate && ansible-playbook playbooks/benchmark.yml -i inventories/local
+
+## faults: the fault suite on the running local stack (make up), next to the original note's
+## Redis-broker setup (brought up as a second small stack), one table row per fault
+REDIS_BROKER_STACK = inventories/local-redis-broker
+faults:
+	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh up
+	. .venv/bin/activate && python molecule/shared/faults/faults.py -i inventories/local \
+	  -i $(REDIS_BROKER_STACK)=none,worker-restart,redis-restart

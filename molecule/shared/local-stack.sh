@@ -2,10 +2,12 @@
 # The README's local stack: systemd containers for every host of inventories/local, then the
 # real site.yml against them. Left running; `make down` removes it.
 #   local-stack.sh up|down|status
+# CELERY_STACK_INVENTORY=inventories/local-redis-broker: the same for another inventory of
+# container hosts (the fault suite's Redis-broker comparison).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
-inventory=inventories/local
+inventory=${CELERY_STACK_INVENTORY:-inventories/local}
 # name ip debian network subnet, one line per host, from the inventory itself.
 hosts() {
   ansible-inventory -i "$inventory" --list | python3 -c '
@@ -24,23 +26,25 @@ case "${1:-}" in
     done
     ansible-playbook -i "$inventory" molecule/shared/prepare.yml
     ansible-playbook -i "$inventory" site.yml
-    cat <<TXT
-
-The local stack is up (containers on docker network celery-stack-local):
-$(hosts | awk '{printf "  %-26s %s\n", $1, $2}')
+    echo
+    echo "Up (containers on docker network $(hosts | awk 'NR==1 {print $4}')):"
+    hosts | awk '{printf "  %-26s %s\n", $1, $2}'
+    if [ "$inventory" = inventories/local ]; then cat <<TXT
   RabbitMQ management UI: http://172.30.87.11:15672/  (user ops-admin, see inventories/local)
   A shell on a host:      docker exec -it celery-stack-worker-1 bash
   Workers:                docker exec celery-stack-worker-1 systemctl list-units 'celery-worker@*'
   Run site.yml again:     .venv/bin/ansible-playbook -i inventories/local site.yml
   Benchmark the pools:    make bench
+  Fault suite:            make faults
   Tear it down:           make down
 TXT
-    ;;
+    fi ;;
   down)
     source molecule/shared/bootstrap.sh
     mapfile -t names < <(hosts | awk '{print $1}')
+    mapfile -t networks < <(hosts | awk '{print $4}' | sort -u)
     molecule/shared/host.sh down "${names[@]}"
-    docker network rm celery-stack-local >/dev/null 2>&1 || true
+    docker network rm "${networks[@]}" >/dev/null 2>&1 || true
     echo "The local stack is removed." ;;
   status)
     docker ps --filter label=celery-stack=host --format '{{.Names}}\t{{.Status}}' ;;

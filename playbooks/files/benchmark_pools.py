@@ -8,9 +8,12 @@ the same batch of tasks is sent and the wall time until every result is back is 
              (the original incident's crawl + database workload), queue `io`;
   CPU-bound  cpu_fib, pure Python computation, queue `cpu`.
 
+Also (RabbitMQ) the publish rate with and without publisher confirms, which the deployment
+turns on so that a broker crash loses no task.
+
 Prints tasks per second per pool and the ratios. The workers are started again at the end.
 Arguments (JSON): {"io_tasks": N, "io_delay": SECONDS, "cpu_tasks": N, "cpu_n": N,
-                   "io_queue": NAME, "cpu_queue": NAME}
+                   "io_queue": NAME, "cpu_queue": NAME, "publish_messages": N}
 """
 
 import http.server
@@ -22,6 +25,7 @@ import threading
 import time
 
 from celery_stack_app import app
+from kombu import Connection, Exchange, Queue
 
 ARGS = json.loads(sys.argv[1])
 HOST = socket.gethostname()
@@ -67,11 +71,39 @@ def timed(name, args, queue, count):
     return time.monotonic() - started
 
 
+def publish_rates(count):
+    """Messages per second published as Celery publishes a task (persistent, to a durable queue),
+    with and without publisher confirms, to a scratch queue of the routed queues' type that no
+    worker consumes; deleted afterwards. What confirms (the deployment's setting: no task lost in
+    a broker crash) cost a producer."""
+    queue_type = (app.amqp.queues[ARGS["io_queue"]].queue_arguments or {}).get("x-queue-type", "classic")
+    scratch = Queue("celery-stack-benchmark-publish", Exchange("celery-stack-benchmark-publish", type="direct"),
+                    routing_key="celery-stack-benchmark-publish", durable=True,
+                    queue_arguments={"x-queue-type": queue_type})
+    body = {"task": "benchmark", "args": [0] * 8}
+    rates = {}
+    for confirm in (False, True):
+        with Connection(app.conf.broker_url, transport_options={"confirm_publish": confirm}) as connection:
+            producer = connection.Producer()
+            scratch(connection.default_channel).declare()
+            producer.publish(body, exchange=scratch.exchange, routing_key=scratch.routing_key)  # warm-up
+            started = time.monotonic()
+            for _ in range(count):
+                producer.publish(body, exchange=scratch.exchange, routing_key=scratch.routing_key,
+                                 delivery_mode=2, serializer="json")
+            rates["with confirms" if confirm else "without confirms"] = round(count / (time.monotonic() - started))
+            scratch(connection.default_channel).delete()
+            scratch.exchange(connection.default_channel).delete()
+    return rates
+
+
 def main():
+    report = {}
+    if app.conf.broker_url.startswith("amqp"):
+        report["publish"] = publish_rates(ARGS["publish_messages"])
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowPage)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
-    report = {}
     try:
         for kind, queue, task, args, count in (
             ("io", ARGS["io_queue"], "celery_stack_demo.tasks.crawl_and_store", [url], ARGS["io_tasks"]),
@@ -90,6 +122,10 @@ def main():
     cpu_ratio = report["cpu-prefork"]["tasks_per_second"] / report["cpu-threads"]["tasks_per_second"]
     report["ratios"] = {"io: threads / prefork": round(io_ratio, 2),
                         "cpu: prefork / threads": round(cpu_ratio, 2)}
+    if "publish" in report:
+        publish = report["publish"]
+        report["ratios"]["publish: with / without confirms"] = round(
+            publish["with confirms"] / publish["without confirms"], 2)
     print(json.dumps(report))
 
 

@@ -2,7 +2,7 @@
 
 The secrets are the values of every inventory variable named like a password, secret or cookie
 (inventories/local/group_vars, which the scenario converges with, and the values the side-effect
-step rotated them to: changed_values.yml). Three ways they could leak:
+step rotated them to: vars/changed_values.yml). Three ways they could leak:
 - a converge at -vvv (every task's arguments, loop items, results and connection commands);
 - the preflight play refusing bad input at -vvv, one case per check that looks at secret-bearing
   values (its message must still name what to fix);
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     not os.environ.get("MOLECULE_INVENTORY_FILE"), reason="needs the Molecule scenario's inventory"
 )
 
-CHANGED_VALUES = REPO / "molecule" / "default" / "changed_values.yml"
+CHANGED_VALUES = REPO / "molecule" / "default" / "vars" / "changed_values.yml"
 SECRET_NAMES = ("password", "secret", "cookie")
 
 

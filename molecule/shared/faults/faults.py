@@ -11,21 +11,30 @@ strikes; then every result is read back. Each row counts:
               seconds after sending): the client cannot tell them from queued or running ones;
               "never ran": of those, the ones no worker completed (the message was lost);
   dup         tasks that ran to completion more than once (at-least-once delivery);
+  outage s    how long the fault lasted: until the faulted part answered again (a deploy: until
+              the converge ended);
   stall s     the longest time without any task completing, after the fault struck;
-  client s    the longest time a client's get() waited for the next result after the fault.
+  client s    the longest time a client's get() waited for the next result after the fault;
+  consumers   for a deploy: the fewest consumers each routed queue had while it ran.
 
 Completions are read from the probe logs the task writes on the worker hosts. The hosts are
 containers of the inventory (the local stack, a Molecule scenario): faults that restart or
 kill a host use docker, the others systemctl inside the host.
 
-  python molecule/shared/faults/faults.py -i inventories/local [--tasks 1000] [--only a,b]
+  python molecule/shared/faults/faults.py -i inventories/local [-i OTHER_INVENTORY=fault,fault]
+         [--tasks 1000] [--only fault,fault] [--json FILE]
+
+Several inventories (stacks) give one table, e.g. the bundle's default next to the original
+note's Redis-broker setup (make faults).
 """
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -56,9 +65,12 @@ def wait_until(host, command, timeout=180):
     raise SystemExit(f"{host}: `{command}` did not succeed within {timeout} s")
 
 
-def inventory_groups(inventory):
-    listing = json.loads(sh(str(pathlib.Path(sys.executable).parent / "ansible-inventory"),
-                            "-i", inventory, "--list").stdout)
+def inventory_listing(inventory):
+    return json.loads(sh(str(pathlib.Path(sys.executable).parent / "ansible-inventory"),
+                         "-i", inventory, "--list").stdout)
+
+
+def inventory_groups(listing):
     groups = {}
 
     def walk(name):
@@ -75,13 +87,31 @@ def inventory_groups(inventory):
 
 
 class Stack:
-    def __init__(self, groups, inventory):
+    def __init__(self, inventory):
+        listing = inventory_listing(inventory)
+        groups = inventory_groups(listing)
         self.inventory = inventory
+        path = pathlib.Path(inventory)
+        # inventories/<name>, or a Molecule scenario's generated inventory file
+        self.name = path.name if path.is_dir() else os.environ.get("MOLECULE_SCENARIO_NAME", path.stem)
         self.brokers = groups.get("rabbitmq", [])
         self.redis = groups.get("redis", [])
         self.workers = groups["celery_workers"]
         producers = [h for h in groups.get("celery_producers", []) if h not in self.workers]
         self.producer = (producers or self.workers)[0]
+        hostvars = listing.get("_meta", {}).get("hostvars", {})
+        self.vhost = str(hostvars.get(self.producer, {}).get("celery_stack_broker_vhost", "/"))
+
+    def consumers(self):
+        """{queue: consumers} of the routed queues, as the first broker sees them."""
+        listing = on(self.brokers[0], f"rabbitmqctl -q list_queues -p '{self.vhost}' name consumers --formatter json",
+                     check=False).stdout
+        try:
+            return {q["name"]: int(q["consumers"]) for q in json.loads(listing or "[]")
+                    if not q["name"].startswith(("celery", "celeryev", "amq."))
+                    and "pidbox" not in q["name"] and "reply" not in q["name"]}
+        except (ValueError, KeyError):
+            return {}
 
     # -- the services the faults need to see up again ---------------------------------------
     def rabbitmq_up(self, host):
@@ -94,12 +124,16 @@ class Stack:
         wait_until(host, "systemctl is-system-running --wait >/dev/null 2>&1; "
                          "! systemctl list-units --no-legend --state=activating,failed 'celery-worker@*' | grep -q .")
 
-    def container_restarted(self, host, kill):
-        if kill:
-            sh("docker", "kill", "--signal", "KILL", host)
-            sh("docker", "start", host)
+    def container_restarted(self, host, how):
+        """reboot: systemd's own clean shutdown (SIGRTMIN+3 to the container's systemd stops
+        every unit in order, the workers with a warm shutdown), then a boot; crash: SIGKILL of
+        everything at once (an OOM kill, a power loss), then a boot."""
+        if how == "reboot":
+            sh("docker", "kill", "--signal", "SIGRTMIN+3", host)
+            sh("timeout", "300", "docker", "wait", host)
         else:
-            sh("docker", "restart", host)
+            sh("docker", "kill", "--signal", "KILL", host)
+        sh("docker", "start", host)
         wait_until(host, "systemctl is-system-running --wait >/dev/null 2>&1 || true; true", timeout=60)
 
 
@@ -129,18 +163,56 @@ def _redis_restart(stack):
     stack.redis_up(stack.redis[0])
 
 
-def _worker_host_restart(stack):
-    stack.container_restarted(stack.workers[0], kill=False)
+def _worker_host_reboot(stack):
+    stack.container_restarted(stack.workers[0], "reboot")
+    stack.workers_up(stack.workers[0])
+
+
+def _worker_host_crash(stack):
+    stack.container_restarted(stack.workers[0], "crash")
     stack.workers_up(stack.workers[0])
 
 
 def _broker_host_crash(stack):
-    stack.container_restarted(stack.brokers[0], kill=True)
+    stack.container_restarted(stack.brokers[0], "crash")
     stack.rabbitmq_up(stack.brokers[0])
 
 
 def _broker_node_down(stack):
     sh("docker", "kill", "--signal", "KILL", stack.brokers[-1])
+
+
+def _converge(stack, extra_vars):
+    sh(str(pathlib.Path(sys.executable).parent / "ansible-playbook"), str(REPO / "site.yml"),
+       "-i", stack.inventory, "--limit", "celery_workers", "-e", json.dumps(extra_vars))
+
+
+def _rolling_deploy(stack):
+    """A change of every worker's unit: each host's instances restart one at a time. Meanwhile
+    the routed queues' consumers are counted every second; the fewest seen is reported."""
+    if not stack.brokers:
+        _converge(stack, {"celery_worker_log_level": "WARNING"})
+        return
+    fewest, done = {}, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for queue, count in stack.consumers().items():
+                fewest[queue] = min(count, fewest.get(queue, count))
+            done.wait(1.0)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        _converge(stack, {"celery_worker_log_level": "WARNING"})
+    finally:
+        done.set()
+        watcher.join()
+    stack.fewest_consumers = fewest
+
+
+def _rolling_deploy_back(stack):
+    _converge(stack, {})
 
 
 def _broker_node_back(stack):
@@ -154,12 +226,17 @@ FAULTS = {
     "worker-restart": ("systemctl restart of the io workers", _worker_restart),
     "rabbitmq-restart": ("systemctl restart rabbitmq-server", _rabbitmq_restart),
     "redis-restart": ("systemctl restart redis-server (the result store)", _redis_restart),
-    "worker-host-restart": ("docker restart of a worker host", _worker_host_restart),
-    "broker-host-crash": ("docker kill -s KILL of a broker host, then start", _broker_host_crash),
+    "worker-host-reboot": ("a worker host shut down cleanly by its systemd, then booted", _worker_host_reboot),
+    "worker-host-crash": ("a worker host killed (SIGKILL to every process), then booted", _worker_host_crash),
+    "broker-host-crash": ("a broker host killed (SIGKILL to every process), then booted", _broker_host_crash),
     "broker-node-down": ("one of several broker nodes killed for the run", _broker_node_down),
+    "rolling-deploy": ("site.yml changing every worker while tasks are sent", _rolling_deploy),
 }
 # Put back after the run (not part of the fault's timing).
-AFTER = {"broker-node-down": _broker_node_back}
+AFTER = {"broker-node-down": _broker_node_back, "rolling-deploy": _rolling_deploy_back}
+# Tasks sent over this many seconds rather than at once, and the fault strikes while they are
+# sent: a deploy takes longer than a burst lasts.
+SPREAD = {"rolling-deploy": 60}
 NEEDS = {"broker-node-down": lambda stack: len(stack.brokers) > 1,
          "rabbitmq-restart": lambda stack: bool(stack.brokers),
          "broker-host-crash": lambda stack: bool(stack.brokers),
@@ -186,14 +263,17 @@ def longest_gap(times, since):
 
 def run_fault(stack, name, args):
     run = f"{name}-{uuid.uuid4().hex[:8]}"
-    spec = {"run": run, "tasks": args.tasks, "seconds": args.seconds, "spread": 0, "wait": args.wait}
+    spread = SPREAD.get(name, 0)
+    spec = {"run": run, "tasks": args.tasks, "seconds": args.seconds, "spread": spread, "wait": args.wait + spread}
     client = subprocess.Popen(
         ["docker", "exec", stack.producer, args.python, PROBE_ON_HOST, json.dumps(spec)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = client.stdout.readline()
-    if not line.startswith("sent "):
-        raise SystemExit(f"the probe did not start: {line}{client.stderr.read()}")
+    for expected in ("started",) if spread else ("started", "sent"):
+        line = client.stdout.readline()
+        if not line.startswith(expected + " "):
+            raise SystemExit(f"the probe did not start: {line}{client.stderr.read()}")
     time.sleep(args.delay)
+    stack.fewest_consumers = None
     struck = time.time()
     FAULTS[name][1](stack)
     back = time.time()
@@ -210,6 +290,7 @@ def run_fault(stack, name, args):
     states = {int(i): state for i, state in report["states"].items()}
     pending = [i for i, state in states.items() if state not in ("SUCCESS", "FAILURE")]
     return {
+        "setup": stack.name,
         "fault": name,
         "sent": report["sent"],
         "refused": report["refused"],
@@ -219,15 +300,19 @@ def run_fault(stack, name, args):
         "never_ran": sum(1 for i in pending if i not in runs),
         "dup": sum(1 for count in runs.values() if count > 1),
         "stall": round(longest_gap([t for _, t in done], struck), 1) if name != "none" else 0.0,
-        "client": round(longest_gap(report["get_ended"], struck), 1) if name != "none" else 0.0,
+        # with tasks still being sent, get() waits for the sending too: not a fault figure
+        "client": round(longest_gap(report["get_ended"], struck), 1) if name != "none" and not spread else "-",
         "outage": round(back - struck, 1),
+        # the fewest consumers a routed queue had while the fault lasted (measured for deploys)
+        "consumers": (" ".join(f"{q}:{n}" for q, n in sorted(stack.fewest_consumers.items()))
+                      if stack.fewest_consumers else "-"),
         "get_errors": report["get_errors"],
         "notes": report["get_error_kinds"] + report["refused_errors"],
     }
 
 
-COLUMNS = (("fault", 20), ("sent", 6), ("refused", 8), ("completed", 10), ("failed", 7), ("stuck", 6),
-           ("never_ran", 10), ("dup", 4), ("outage", 7), ("stall", 6), ("client", 7))
+COLUMNS = (("setup", 18), ("fault", 20), ("sent", 6), ("refused", 8), ("completed", 10), ("failed", 7), ("stuck", 6),
+           ("never_ran", 10), ("dup", 4), ("outage", 7), ("stall", 6), ("client", 7), ("consumers", 12))
 
 
 def table(rows):
@@ -239,9 +324,31 @@ def table(rows):
     return "\n".join(lines)
 
 
+def run_stack(stack, only, args):
+    names = [n for n in (only.split(",") if only else FAULTS) if n]
+    unknown = [n for n in names if n not in FAULTS]
+    if unknown:
+        raise SystemExit(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
+    names = [n for n in names if NEEDS.get(n, lambda s: True)(stack)]
+    sh("docker", "cp", str(HERE / "probe.py"), f"{stack.producer}:{PROBE_ON_HOST}")
+    print(f"{stack.inventory}: {args.tasks} tasks of {args.seconds} s per fault, sent from {stack.producer}; "
+          f"the fault strikes {args.delay} s after the burst is published", flush=True)
+    rows = []
+    for name in names:
+        print(f"- {name}: {FAULTS[name][0]} ...", flush=True)
+        rows.append(run_fault(stack, name, args))
+        row = rows[-1]
+        print(f"  completed {row['completed']}/{row['sent']}, failed {row['failed']}, stuck {row['stuck']}, "
+              f"dup {row['dup']}, stall {row['stall']} s, client {row['client']} s"
+              + (f"; notes: {row['notes']}" if row["notes"] else ""), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--inventory", default=str(REPO / "inventories" / "local"))
+    parser.add_argument("-i", "--inventory", action="append", metavar="INVENTORY[=FAULT,...]",
+                        help="a stack of container hosts, optionally with its own faults (default: "
+                             "inventories/local, every fault that applies)")
     parser.add_argument("--tasks", type=int, default=1000, help="tasks per fault (default 1000)")
     parser.add_argument("--seconds", type=float, default=0.1, help="each task's duration (default 0.1)")
     parser.add_argument("--delay", type=float, default=1.0,
@@ -254,23 +361,10 @@ def main():
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
 
-    stack = Stack(inventory_groups(args.inventory), args.inventory)
-    names = [n for n in (args.only.split(",") if args.only else FAULTS) if n]
-    unknown = [n for n in names if n not in FAULTS]
-    if unknown:
-        raise SystemExit(f"unknown faults {unknown}; known: {', '.join(FAULTS)}")
-    names = [n for n in names if NEEDS.get(n, lambda s: True)(stack)]
-    sh("docker", "cp", str(HERE / "probe.py"), f"{stack.producer}:{PROBE_ON_HOST}")
-    print(f"{args.tasks} tasks of {args.seconds} s per fault, sent from {stack.producer}; the fault strikes "
-          f"{args.delay} s after the burst is published", flush=True)
     rows = []
-    for name in names:
-        print(f"- {name}: {FAULTS[name][0]} ...", flush=True)
-        rows.append(run_fault(stack, name, args))
-        row = rows[-1]
-        print(f"  completed {row['completed']}/{row['sent']}, failed {row['failed']}, stuck {row['stuck']}, "
-              f"dup {row['dup']}, stall {row['stall']} s, client {row['client']} s"
-              + (f"; notes: {row['notes']}" if row["notes"] else ""), flush=True)
+    for spec in args.inventory or [str(REPO / "inventories" / "local")]:
+        inventory, _, only = spec.partition("=")
+        rows += run_stack(Stack(inventory), only or args.only, args)
     print()
     print(table(rows))
     if args.json:

@@ -3,8 +3,8 @@
 Sends a burst of crawl_probe tasks the way the application does (``.delay()``, routed to queue
 io), then reads every result back with ``AsyncResult.get()``, in order, each call waiting as long
 as the run's deadline allows (a client that trusts get() to return once the result exists). One
-JSON line on stdout at the end; progress lines before it ("sent <unix time>") tell the
-orchestrator (faults.py) when to strike.
+JSON line on stdout at the end; progress lines before it ("started <unix time>", "sent <unix
+time>") tell the orchestrator (faults.py) when to strike.
 
 Argument (JSON): {"run": ID, "tasks": N, "seconds": TASK_SECONDS, "spread": SECONDS_TO_SEND_OVER,
                   "wait": SECONDS_AFTER_SENDING}
@@ -65,6 +65,7 @@ def collect(ids, deadline):
 
 
 def main():
+    say(f"started {time.time():.3f}")
     ids, refused = send()
     sent_at = time.time()
     say(f"sent {sent_at:.3f}")
