@@ -37,4 +37,4 @@ REDIS_BROKER_STACK = inventories/local-redis-broker
 faults:
 	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh up
 	. .venv/bin/activate && python molecule/shared/faults/faults.py -i inventories/local \
-	  -i $(REDIS_BROKER_STACK)=none,worker-restart,redis-restart
+	  -i $(REDIS_BROKER_STACK)=none,worker-restart,redis-restart,redis-restart,redis-restart

@@ -44,8 +44,8 @@ PROBE_ON_HOST = "/var/tmp/celery-stack-probe.py"
 PROBE_DIR = "/var/lib/celery-stack"
 
 
-def sh(*argv, check=True, capture=True):
-    result = subprocess.run(argv, capture_output=capture, text=True, check=False)
+def sh(*argv, check=True):
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO)  # ansible.cfg
     if check and result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr or result.stdout}")
     return result
@@ -100,17 +100,17 @@ class Stack:
         producers = [h for h in groups.get("celery_producers", []) if h not in self.workers]
         self.producer = (producers or self.workers)[0]
         hostvars = listing.get("_meta", {}).get("hostvars", {})
-        self.vhost = str(hostvars.get(self.producer, {}).get("celery_stack_broker_vhost", "/"))
+        stack_vars = listing.get("_meta", {}).get("hostvars", {}).get(self.producer, {})
+        self.vhost = str(stack_vars.get("celery_stack_broker_vhost", "/"))
+        self.queues = [queue["name"] for queue in stack_vars.get("celery_stack_queues", [])]
 
     def consumers(self):
         """{queue: consumers} of the routed queues, as the first broker sees them."""
         listing = on(self.brokers[0], f"rabbitmqctl -q list_queues -p '{self.vhost}' name consumers --formatter json",
                      check=False).stdout
         try:
-            return {q["name"]: int(q["consumers"]) for q in json.loads(listing or "[]")
-                    if not q["name"].startswith(("celery", "celeryev", "amq."))
-                    and "pidbox" not in q["name"] and "reply" not in q["name"]}
-        except (ValueError, KeyError):
+            return {q["name"]: int(q["consumers"]) for q in json.loads(listing or "[]") if q["name"] in self.queues}
+        except ValueError:  # the node is busy or restarting: no sample this time
             return {}
 
     # -- the services the faults need to see up again ---------------------------------------
@@ -134,10 +134,11 @@ class Stack:
         else:
             sh("docker", "kill", "--signal", "KILL", host)
         sh("docker", "start", host)
-        wait_until(host, "systemctl is-system-running --wait >/dev/null 2>&1 || true; true", timeout=60)
+        # until the container runs commands again and its boot has finished (in any state)
+        wait_until(host, "systemctl is-system-running --wait >/dev/null 2>&1 || true", timeout=60)
 
 
-def io_units(stack, host):
+def io_units(host):
     listing = on(host, "systemctl list-units --no-legend --plain 'celery-worker@io-*' | awk '{print $1}'").stdout
     return listing.split()
 
@@ -150,7 +151,7 @@ def _prefork_child_sigkill(stack):
 
 def _worker_restart(stack):
     for host in stack.workers:
-        on(host, "systemctl restart " + " ".join(io_units(stack, host)))
+        on(host, "systemctl restart " + " ".join(io_units(host)))
 
 
 def _rabbitmq_restart(stack):
