@@ -15,7 +15,7 @@ strikes; then every result is read back. Each row counts:
               the converge ended);
   stall s     the longest time without any task completing, after the fault struck;
   client s    the longest time a client's get() waited for the next result after the fault;
-  consumers   for a deploy: the fewest consumers each routed queue had while it ran.
+  consumers   the fewest consumers each routed queue had while the fault lasted (RabbitMQ).
 
 Completions are read from the probe logs the task writes on the worker hosts. The hosts are
 containers of the inventory (the local stack, a Molecule scenario): faults that restart or
@@ -113,6 +113,18 @@ class Stack:
         except ValueError:  # the node is busy or restarting: no sample this time
             return {}
 
+    def settle(self, expected, timeout=300):
+        """Wait until every routed queue has its consumers back (all the workers consume again
+        after the previous fault), so that a row measures its own fault only."""
+        if not self.brokers:
+            return
+        end = time.time() + timeout
+        while self.consumers() != expected:
+            if time.time() > end:
+                raise SystemExit(f"the workers did not all consume again within {timeout} s: "
+                                 f"{self.consumers()} consumers, expected {expected}")
+            time.sleep(1)
+
     # -- the services the faults need to see up again ---------------------------------------
     def rabbitmq_up(self, host):
         wait_until(host, "rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1")
@@ -189,27 +201,8 @@ def _converge(stack, extra_vars):
 
 
 def _rolling_deploy(stack):
-    """A change of every worker's unit: each host's instances restart one at a time. Meanwhile
-    the routed queues' consumers are counted every second; the fewest seen is reported."""
-    if not stack.brokers:
-        _converge(stack, {"celery_worker_log_level": "WARNING"})
-        return
-    fewest, done = {}, threading.Event()
-
-    def watch():
-        while not done.is_set():
-            for queue, count in stack.consumers().items():
-                fewest[queue] = min(count, fewest.get(queue, count))
-            done.wait(1.0)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        _converge(stack, {"celery_worker_log_level": "WARNING"})
-    finally:
-        done.set()
-        watcher.join()
-    stack.fewest_consumers = fewest
+    # A change of every worker's unit: each host's instances restart one at a time.
+    _converge(stack, {"celery_worker_log_level": "WARNING"})
 
 
 def _rolling_deploy_back(stack):
@@ -244,6 +237,34 @@ NEEDS = {"broker-node-down": lambda stack: len(stack.brokers) > 1,
          "redis-restart": lambda stack: bool(stack.redis)}
 
 
+class ConsumerWatch:
+    """While a fault lasts, count the routed queues' consumers on the broker (rabbitmqctl: one
+    sample every 2 s or so) and keep the fewest seen per queue."""
+
+    def __init__(self, stack):
+        self.stack, self.fewest, self.samples = stack, {}, []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def watch(self):
+        while not self.done.is_set():
+            counts = self.stack.consumers()
+            self.samples.append((round(time.time(), 1), counts))
+            for queue, count in counts.items():
+                self.fewest[queue] = min(count, self.fewest.get(queue, count))
+            self.done.wait(0.2)
+
+    def __enter__(self):
+        if self.stack.brokers:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
 def completions(stack, run):
     """(index, unix time) of every completed execution, from the probe logs of all worker hosts."""
     found = []
@@ -274,9 +295,9 @@ def run_fault(stack, name, args):
         if not line.startswith(expected + " "):
             raise SystemExit(f"the probe did not start: {line}{client.stderr.read()}")
     time.sleep(args.delay)
-    stack.fewest_consumers = None
     struck = time.time()
-    FAULTS[name][1](stack)
+    with ConsumerWatch(stack) as watch:
+        FAULTS[name][1](stack)
     back = time.time()
     out, err = client.communicate()
     if client.returncode != 0:
@@ -305,8 +326,8 @@ def run_fault(stack, name, args):
         "client": round(longest_gap(report["get_ended"], struck), 1) if name != "none" and not spread else "-",
         "outage": round(back - struck, 1),
         # the fewest consumers a routed queue had while the fault lasted (measured for deploys)
-        "consumers": (" ".join(f"{q}:{n}" for q, n in sorted(stack.fewest_consumers.items()))
-                      if stack.fewest_consumers else "-"),
+        "consumers": " ".join(f"{q}:{n}" for q, n in sorted(watch.fewest.items())) or "-",
+        "consumer_samples": watch.samples,
         "get_errors": report["get_errors"],
         "notes": report["get_error_kinds"] + report["refused_errors"],
     }
@@ -334,14 +355,20 @@ def run_stack(stack, only, args):
     sh("docker", "cp", str(HERE / "probe.py"), f"{stack.producer}:{PROBE_ON_HOST}")
     print(f"{stack.inventory}: {args.tasks} tasks of {args.seconds} s per fault, sent from {stack.producer}; "
           f"the fault strikes {args.delay} s after the burst is published", flush=True)
+    # every queue's consumers as the stack runs now: each fault starts from the same state
+    expected = stack.consumers() if stack.brokers else {}
+    if stack.brokers and sorted(expected) != sorted(stack.queues):
+        raise SystemExit(f"not every routed queue {stack.queues} has consumers: {expected}")
     rows = []
     for name in names:
         print(f"- {name}: {FAULTS[name][0]} ...", flush=True)
+        stack.settle(expected)
         rows.append(run_fault(stack, name, args))
         row = rows[-1]
         print(f"  completed {row['completed']}/{row['sent']}, failed {row['failed']}, stuck {row['stuck']}, "
               f"dup {row['dup']}, stall {row['stall']} s, client {row['client']} s"
               + (f"; notes: {row['notes']}" if row["notes"] else ""), flush=True)
+    stack.settle(expected)  # the last fault too: every worker consumes again
     return rows
 
 
