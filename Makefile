@@ -34,7 +34,8 @@ bench:
 ## faults: the fault suite on the running local stack (make up), next to the original note's
 ## Redis-broker setup (brought up as a second small stack), one table row per fault
 REDIS_BROKER_STACK = inventories/local-redis-broker
+REDIS_BROKER_FAULTS = none,worker-restart,redis-restart,redis-restart,redis-restart,redis-host-crash,redis-host-crash,redis-host-crash
 faults:
 	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh up
 	. .venv/bin/activate && python molecule/shared/faults/faults.py -i inventories/local \
-	  -i $(REDIS_BROKER_STACK)=none,worker-restart,redis-restart,redis-restart,redis-restart
+	  -i $(REDIS_BROKER_STACK)=$(REDIS_BROKER_FAULTS)

@@ -176,6 +176,11 @@ def _redis_restart(stack):
     stack.redis_up(stack.redis[0])
 
 
+def _redis_host_crash(stack):
+    stack.container_restarted(stack.redis[0], "crash")
+    stack.redis_up(stack.redis[0])
+
+
 def _worker_host_reboot(stack):
     stack.container_restarted(stack.workers[0], "reboot")
     stack.workers_up(stack.workers[0])
@@ -220,6 +225,7 @@ FAULTS = {
     "worker-restart": ("systemctl restart of the io workers", _worker_restart),
     "rabbitmq-restart": ("systemctl restart rabbitmq-server", _rabbitmq_restart),
     "redis-restart": ("systemctl restart redis-server (the result store)", _redis_restart),
+    "redis-host-crash": ("the Redis host killed (SIGKILL to every process), then booted", _redis_host_crash),
     "worker-host-reboot": ("a worker host shut down cleanly by its systemd, then booted", _worker_host_reboot),
     "worker-host-crash": ("a worker host killed (SIGKILL to every process), then booted", _worker_host_crash),
     "broker-host-crash": ("a broker host killed (SIGKILL to every process), then booted", _broker_host_crash),
@@ -234,7 +240,8 @@ SPREAD = {"rolling-deploy": 60}
 NEEDS = {"broker-node-down": lambda stack: len(stack.brokers) > 1,
          "rabbitmq-restart": lambda stack: bool(stack.brokers),
          "broker-host-crash": lambda stack: bool(stack.brokers),
-         "redis-restart": lambda stack: bool(stack.redis)}
+         "redis-restart": lambda stack: bool(stack.redis),
+         "redis-host-crash": lambda stack: bool(stack.redis)}
 
 
 class ConsumerWatch:
@@ -298,7 +305,7 @@ def run_fault(stack, name, args):
     struck = time.time()
     with ConsumerWatch(stack) as watch:
         FAULTS[name][1](stack)
-    back = time.time()
+        back = time.time()
     out, err = client.communicate()
     if client.returncode != 0:
         raise SystemExit(f"the probe failed: {err}")

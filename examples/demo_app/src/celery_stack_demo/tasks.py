@@ -1,4 +1,5 @@
-"""Demo tasks: the original note's ``run_add``, a crawl-and-store I/O task, a CPU-bound task.
+"""Demo tasks: the original note's ``run_add``, a crawl-and-store I/O task, a CPU-bound task,
+and the fault suite's probe (``crawl_probe``).
 
 Every task returns evidence of where it ran (the worker node name ``<queue>-<pool>@host``, the
 queue it was delivered from, the process id and thread name), so tests can prove that the
@@ -110,4 +111,4 @@ def crawl_probe(self, run, index, seconds):
     # One short write() in append mode: lines of concurrent threads and processes never mix.
     with open(path, "a", encoding="utf-8") as log:
         log.write(f"{int(index)} {self.request.hostname} {time.time():.3f}\n")
-    return index
+    return {"index": int(index), **_where(self.request)}
