@@ -176,24 +176,14 @@ def _redis_restart(stack):
     stack.redis_up(stack.redis[0])
 
 
-def _redis_host_crash(stack):
-    stack.container_restarted(stack.redis[0], "crash")
-    stack.redis_up(stack.redis[0])
-
-
-def _worker_host_reboot(stack):
-    stack.container_restarted(stack.workers[0], "reboot")
-    stack.workers_up(stack.workers[0])
-
-
-def _worker_host_crash(stack):
-    stack.container_restarted(stack.workers[0], "crash")
-    stack.workers_up(stack.workers[0])
-
-
-def _broker_host_crash(stack):
-    stack.container_restarted(stack.brokers[0], "crash")
-    stack.rabbitmq_up(stack.brokers[0])
+def _host_fault(group, how):
+    """Reboot or crash the first host of a group (brokers, redis, workers), then wait until its
+    service answers again."""
+    def strike(stack):
+        host = getattr(stack, group)[0]
+        stack.container_restarted(host, how)
+        {"brokers": stack.rabbitmq_up, "redis": stack.redis_up, "workers": stack.workers_up}[group](host)
+    return strike
 
 
 def _broker_node_down(stack):
@@ -225,10 +215,11 @@ FAULTS = {
     "worker-restart": ("systemctl restart of the io workers", _worker_restart),
     "rabbitmq-restart": ("systemctl restart rabbitmq-server", _rabbitmq_restart),
     "redis-restart": ("systemctl restart redis-server (the result store)", _redis_restart),
-    "redis-host-crash": ("the Redis host killed (SIGKILL to every process), then booted", _redis_host_crash),
-    "worker-host-reboot": ("a worker host shut down cleanly by its systemd, then booted", _worker_host_reboot),
-    "worker-host-crash": ("a worker host killed (SIGKILL to every process), then booted", _worker_host_crash),
-    "broker-host-crash": ("a broker host killed (SIGKILL to every process), then booted", _broker_host_crash),
+    # crash: SIGKILL to every process of the host (an OOM kill, a power loss), then a boot
+    "redis-host-crash": ("the Redis host crashed, then booted", _host_fault("redis", "crash")),
+    "worker-host-reboot": ("a worker host shut down cleanly by its systemd, then booted", _host_fault("workers", "reboot")),
+    "worker-host-crash": ("a worker host crashed, then booted", _host_fault("workers", "crash")),
+    "broker-host-crash": ("a broker host crashed, then booted", _host_fault("brokers", "crash")),
     "broker-node-down": ("one of several broker nodes killed for the run", _broker_node_down),
     "rolling-deploy": ("site.yml changing every worker while tasks are sent", _rolling_deploy),
 }
