@@ -255,8 +255,16 @@ REDIS_RESULT_CLIENT = {
     "redis_retry_on_timeout": True,
 }
 
+# Monitoring (celery_stack_monitoring): workers send task events (received, started, succeeded,
+# failed, retried) and producers task-sent, so Flower sees every task from the moment it is sent.
+# Events go to the celeryev exchange and into the queue of each monitor that listens; with no
+# monitor they are dropped, and Celery's event queues expire (message TTL 5 s, queue 60 s after
+# its monitor left), so a monitor that is away makes nothing pile up on the broker.
+TASK_EVENTS = {"worker_send_task_events": True, "task_send_sent_event": True}
+
+
 def celery_settings(table, default_queue="", broker="rabbitmq", options=None, visibility_timeout=3600,
-                    result_backend="redis"):
+                    result_backend="redis", monitoring=False):
     """The generated Celery settings, secrets aside (JSON-able): what celery_stack_config.apply()
     sets on every host, worker or producer, so both publish and consume with the same routes,
     queues and delivery guarantees.
@@ -270,6 +278,7 @@ def celery_settings(table, default_queue="", broker="rabbitmq", options=None, vi
       that are quorum queues make the default queue type quorum too.
     - Redis broker: the visibility timeout.
     - Results: RESULT_STORE_RETRIES; on Redis also REDIS_RESULT_CLIENT.
+    - monitoring: TASK_EVENTS.
     """
     routing = celery_routing(table, default_queue)
     settings = {name: value for name, value in routing.items() if name != "quorum"}
@@ -282,6 +291,8 @@ def celery_settings(table, default_queue="", broker="rabbitmq", options=None, vi
             settings["task_default_queue_type"] = "quorum"
     elif broker == "redis":
         settings["broker_transport_options"] = {"visibility_timeout": int(visibility_timeout)}
+    if monitoring:
+        settings.update(TASK_EVENTS)
     settings.update(options or {})
     return settings
 
@@ -301,7 +312,7 @@ def visibility_timeout(queues, setting=0):
 UUID_QUEUE = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
-def producer_permissions(table, result_backend="redis"):
+def producer_permissions(table, result_backend="redis", events=False):
     """RabbitMQ permissions (configure, write, read regexes) of the producers' user: publish to
     the routed queues' exchanges and nothing more.
 
@@ -312,9 +323,12 @@ def producer_permissions(table, result_backend="redis"):
       `celery` is refused (ACCESS_REFUSED raised by .delay()) instead of creating a queue that no
       worker consumes, where its tasks would stay PENDING for ever;
     - read: nothing, so a producer cannot consume (take) tasks.
-    With the rpc result backend the client declares and reads its own reply queue (a UUID).
+    With the rpc result backend the client declares and reads its own reply queue (a UUID). With
+    task events on (monitoring), the producer publishes task-sent events to the celeryev exchange.
     """
     names = [re.escape(entry["name"]) for entry in table]
+    if events:
+        names.append("celeryev")
     if any(entry.get("queue_type") == "quorum" for entry in table):
         names.append("celery_delayed_[0-9]+")
     replies = f"^{UUID_QUEUE}$" if result_backend == "rpc" else "^$"

@@ -112,6 +112,17 @@ def test_celery_settings_retry_the_result_store():
         "result_backend_always_retry"] is False
 
 
+def test_celery_settings_task_events_only_with_monitoring():
+    table = stack.routing_table(TABLE, "rabbitmq", False)
+    quiet = stack.celery_settings(table, "", "rabbitmq", {})
+    assert "worker_send_task_events" not in quiet and "task_send_sent_event" not in quiet
+    watched = stack.celery_settings(table, "", "rabbitmq", {}, monitoring=True)
+    assert watched["worker_send_task_events"] is True and watched["task_send_sent_event"] is True
+    # the inventory's own values still win
+    assert stack.celery_settings(table, "", "rabbitmq", {"task_send_sent_event": False}, monitoring=True)[
+        "task_send_sent_event"] is False
+
+
 def test_visibility_timeout():
     assert stack.visibility_timeout(TABLE) == 3600           # 4 x 300 s is below one hour
     long_table = [{"name": "slow", "pools": {"prefork": {"time_limit": 5000}}}]
@@ -136,6 +147,14 @@ def test_producer_permissions_quorum_and_rpc():
     reply = re.compile(permissions["read"])
     assert reply.match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11") and not reply.match("io")
     assert permissions["configure"] == permissions["read"]
+
+
+def test_producer_permissions_task_sent_events():
+    # task_send_sent_event: the producer publishes task-sent to the celeryev exchange
+    table = stack.routing_table(TABLE, "rabbitmq", False)
+    write = re.compile(stack.producer_permissions(table, "redis", events=True)["write"])
+    assert write.match("celeryev") and write.match("io") and not write.match("celeryevx")
+    assert not re.compile(stack.producer_permissions(table)["write"]).match("celeryev")
 
 
 def test_queue_type_changes():
