@@ -61,6 +61,18 @@ CASES = {
     "a default queue outside the table": (
         {"celery_stack_default_queue": "celery"},
         "celery_stack_default_queue 'celery' is not a queue of celery_stack_queues"),
+    # time limits that must agree (celery_stack.core.limit_problems): io-prefork runs with the
+    # pool default time_limit of 1500 s
+    "a consumer timeout shorter than a queue's time limit": (
+        {"rabbitmq_consumer_timeout": 600000},
+        "rabbitmq_consumer_timeout of celery-stack-aio (600000 ms) must be longer than the time_limit of "
+        "io-prefork (1500 s: celery_stack_queues (io).pools.prefork.time_limit"),
+    "a stop timeout without room for the soft shutdown": (
+        {"celery_worker_stop_timeout": 1505},
+        "celery_worker_stop_timeout (1505 s"),
+    "a Redis visibility timeout shorter than a task": (
+        {"celery_stack_broker": "redis", "celery_app_redis_visibility_timeout": 600},
+        "celery_app_redis_visibility_timeout (600 s) must be longer than the time_limit of io-prefork"),
     # role settings keep their own checks
     "an Erlang version without its epoch": ({"rabbitmq_erlang_version": "27.*"}, "rabbitmq_erlang_version"),
     "an evicting Redis with a broker user": ({"redis_maxmemory_policy": "allkeys-lru"}, "redis_maxmemory_policy"),

@@ -13,10 +13,11 @@ decision is a plain function with unit tests (tests/unit/plugins/filter/test_sta
   differently;
 - ``producer_permissions``: the RabbitMQ permissions of the producers' user (least privilege);
 - ``worker_instances``: the systemd worker instances (queue x pool) of one host, pool defaults
-  filled in, placement (``hosts:``) applied;
+  filled in, placement (``hosts:``) applied; ``limit_problems``: the time limits of a worker host
+  that disagree (broker consumer timeout, systemd stop timeout, Redis visibility timeout);
 - ``broker_url``, ``redis_url``: connection URLs with percent-encoded credentials;
 - ``addresses``, ``rabbitmq_nodes``: how a host reaches the hosts of a group, the cluster's
-  node names;
+  node names; ``host_values``: one variable of several hosts;
 - ``redis_broker_keys``, ``app_kind``.
 """
 
@@ -361,6 +362,43 @@ def worker_instances(queues, host, groups, pool_defaults, prefetch_multiplier=1)
     return instances
 
 
+def limit_problems(instances, stop_timeout, soft_shutdown_timeout=0, consumer_timeouts=None, visibility_timeout=0):
+    """The time limits of one worker host that must agree, each broken rule as a message naming
+    both sides. instances: worker_instances() of the host (pool defaults filled in; a threads
+    worker has no time_limit, 0); consumer_timeouts: {broker host: rabbitmq_consumer_timeout in ms}
+    (RabbitMQ brokers only; None when unknown); visibility_timeout: seconds, Redis broker only.
+
+    - RabbitMQ closes the channel of a delivery unacknowledged for consumer_timeout (celery #6760):
+      with late acks a task running longer is redelivered and runs twice, the worker reconnects.
+    - systemd kills a worker still running after TimeoutStopSec: the warm shutdown must outlast
+      the longest task (the hard time_limit ends it at the latest) plus the soft shutdown.
+    - The Redis transport redelivers a message unacknowledged for visibility_timeout: a task still
+      running is started again elsewhere.
+    """
+    limited = [i for i in instances if int(i.get("time_limit") or 0) > 0]
+    if not limited:
+        return []
+    longest = max(limited, key=lambda i: int(i["time_limit"]))
+    limit = int(longest["time_limit"])
+    where = (f"the time_limit of {longest['instance']} ({limit} s: celery_stack_queues ({longest['queue']})"
+             f".pools.{longest['pool']}.time_limit, else celery_worker_pool_defaults.{longest['pool']}.time_limit)")
+    found = []
+    for broker, timeout in sorted((consumer_timeouts or {}).items()):
+        if timeout is not None and int(timeout) <= limit * 1000:
+            found.append(f"rabbitmq_consumer_timeout of {broker} ({int(timeout)} ms) must be longer than {where}: "
+                         "RabbitMQ would close the channel of a task still running and deliver it again "
+                         "(celery #6760). Raise rabbitmq_consumer_timeout or lower the time_limit.")
+    soft = float(soft_shutdown_timeout or 0)
+    if int(stop_timeout) <= limit + soft:
+        found.append(f"celery_worker_stop_timeout ({int(stop_timeout)} s, TimeoutStopSec; computed when 0: the "
+                     f"longest time_limit + celery_worker_stop_margin) must be longer than {where} plus "
+                     f"celery_app_soft_shutdown_timeout ({soft:g} s): systemd would kill running tasks on a stop.")
+    if int(visibility_timeout or 0) and int(visibility_timeout) <= limit:
+        found.append(f"celery_app_redis_visibility_timeout ({int(visibility_timeout)} s) must be longer than {where}: "
+                     "the Redis broker would deliver a task that still runs to another worker.")
+    return found
+
+
 def _credentials(user, password):
     # quote(safe="") encodes every reserved character, "/" included (Jinja's urlencode keeps it).
     return f"{quote(str(user), safe='')}:{quote(str(password), safe='')}@" if user or password else ""
@@ -383,6 +421,11 @@ def addresses(hosts, inventory_hostname, hostvars):
     celery_stack_address (default: the inventory name, resolved by DNS)."""
     return ["127.0.0.1" if h == inventory_hostname else (hostvars[h].get("celery_stack_address") or h)
             for h in hosts]
+
+
+def host_values(hosts, hostvars, name):
+    """{host: that host's variable `name`, None where it has none} (hostvars[h].name would fail)."""
+    return {h: hostvars[h].get(name) for h in hosts}
 
 
 def rabbitmq_nodes(hosts, hostvars):
@@ -409,5 +452,5 @@ class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
             problems, app_kind, quorum_queues, routing_table, queue_type_changes, celery_routing, celery_settings,
-            visibility_timeout, producer_permissions, worker_instances,
-            broker_url, redis_url, addresses, rabbitmq_nodes, redis_broker_keys)}
+            visibility_timeout, producer_permissions, worker_instances, limit_problems,
+            broker_url, redis_url, addresses, host_values, rabbitmq_nodes, redis_broker_keys)}

@@ -198,6 +198,33 @@ def test_worker_instances_placement():
         ["io-prefork", "io-threads"]
 
 
+LIMITED = [{"instance": "cpu-prefork", "queue": "cpu", "pool": "prefork", "time_limit": 300},
+           {"instance": "cpu-threads", "queue": "cpu", "pool": "threads", "time_limit": 0}]
+
+
+def test_limits_that_agree():
+    assert stack.limit_problems(LIMITED, 360, 10.0, {"mq1": 1800000, "mq2": None}, 0) == []
+    assert stack.limit_problems(LIMITED[1:], 60, 10.0, {"mq1": 1000}) == []  # threads: no limit to check
+
+
+def test_a_consumer_timeout_shorter_than_a_time_limit_names_both():
+    found = stack.limit_problems(LIMITED, 360, 10.0, {"mq1": 300000, "mq2": 1800000})
+    assert len(found) == 1
+    assert found[0].startswith("rabbitmq_consumer_timeout of mq1 (300000 ms) must be longer than "
+                               "the time_limit of cpu-prefork (300 s: celery_stack_queues (cpu).pools.prefork.time_limit")
+
+
+def test_a_stop_timeout_without_room_for_the_soft_shutdown():
+    found = stack.limit_problems(LIMITED, 305, 10.0, {})
+    assert len(found) == 1 and found[0].startswith("celery_worker_stop_timeout (305 s")
+    assert "celery_app_soft_shutdown_timeout (10 s)" in found[0]
+
+
+def test_a_redis_visibility_timeout_shorter_than_a_task():
+    found = stack.limit_problems(LIMITED, 360, 10.0, {}, 300)
+    assert len(found) == 1 and found[0].startswith("celery_app_redis_visibility_timeout (300 s)")
+
+
 def test_pool_enabled_as_string():
     table = [{"name": "q", "tasks": [], "pools": {"threads": {"enabled": "false"}}}]
     assert [i["pool"] for i in stack.worker_instances(table, "w1", GROUPS, POOL_DEFAULTS)] == ["prefork"]
@@ -230,6 +257,11 @@ def test_addresses_and_nodes():
     assert stack.addresses(["mq1"], "w1", hostvars) == ["mq1"]
     assert stack.rabbitmq_nodes(["mq1", "mq2.example.org", "mq3"], hostvars) == \
         ["rabbit@broker-a", "rabbit@mq2", "rabbit@custom"]
+
+
+def test_host_values():
+    hostvars = {"mq1": {"rabbitmq__consumer_timeout": 5}, "mq2": {}}
+    assert stack.host_values(["mq1", "mq2"], hostvars, "rabbitmq__consumer_timeout") == {"mq1": 5, "mq2": None}
 
 
 def test_redis_broker_keys():
