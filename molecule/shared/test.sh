@@ -35,7 +35,7 @@ lint() {
 unit() {
   echo "[test] unit tests: the collection celery_stack.core and the settings module of the hosts"
   python -m pytest -q -p no:cacheprovider collections/ansible_collections/celery_stack/core/tests/unit \
-    roles/celery_app/tests
+    roles/celery_app/tests roles/celery_worker/tests
 }
 run_scenario() {
   local scenario=${1%@*} debian=${1#*@} started

@@ -204,6 +204,21 @@ def _rolling_deploy_back(stack):
     _converge(stack, {})
 
 
+def _rabbitmq_upgrade(stack):
+    """playbooks/upgrade.yml to the newest build of rabbitmq-server the brokers' repository
+    serves (the test mirror serves two builds of one release: +mirror1, +mirror2)."""
+    installed = on(stack.brokers[0], "dpkg-query -W -f '${Version}' rabbitmq-server").stdout.strip()
+    offered = on(stack.brokers[0], "apt-cache madison rabbitmq-server | awk '{print $3}'").stdout.split()
+    newer = [v for v in offered
+             if on(stack.brokers[0], f"dpkg --compare-versions '{v}' gt '{installed}'", check=False).returncode == 0]
+    if not newer:
+        raise SystemExit(f"rabbitmq-upgrade: nothing newer than {installed} to upgrade to (offered: {offered})")
+    target = newer[0]  # madison lists the newest first
+    print(f"  upgrading RabbitMQ {installed} -> {target}", flush=True)
+    sh(str(pathlib.Path(sys.executable).parent / "ansible-playbook"), str(REPO / "playbooks" / "upgrade.yml"),
+       "-i", stack.inventory, "-e", json.dumps({"rabbitmq_version": target}))
+
+
 def _broker_node_back(stack):
     sh("docker", "start", stack.brokers[-1])
     stack.rabbitmq_up(stack.brokers[-1])
@@ -222,13 +237,16 @@ FAULTS = {
     "broker-host-crash": ("a broker host crashed, then booted", _host_fault("brokers", "crash")),
     "broker-node-down": ("one of several broker nodes killed for the run", _broker_node_down),
     "rolling-deploy": ("site.yml changing every worker while tasks are sent", _rolling_deploy),
+    "rabbitmq-upgrade": ("playbooks/upgrade.yml: every broker node upgraded while tasks are sent", _rabbitmq_upgrade),
 }
 # Put back after the run (not part of the fault's timing).
 AFTER = {"broker-node-down": _broker_node_back, "rolling-deploy": _rolling_deploy_back}
 # Tasks sent over this many seconds rather than at once, and the fault strikes while they are
 # sent: a deploy takes longer than a burst lasts.
-SPREAD = {"rolling-deploy": 60}
+SPREAD = {"rolling-deploy": 60, "rabbitmq-upgrade": 120}
 NEEDS = {"broker-node-down": lambda stack: len(stack.brokers) > 1,
+         # a single node cannot be drained: its clients would have nowhere to go
+         "rabbitmq-upgrade": lambda stack: len(stack.brokers) > 1,
          "rabbitmq-restart": lambda stack: bool(stack.brokers),
          "broker-host-crash": lambda stack: bool(stack.brokers),
          "redis-restart": lambda stack: bool(stack.redis),
