@@ -19,12 +19,20 @@ TASKS = int(os.environ.get("CELERY_STACK_FAULT_TASKS", "200"))
 # Longer tasks than make faults' 0.1 s: with fewer tasks the burst must still be running when
 # the fault strikes (200 x 0.5 s over the io workers of two hosts: about 5 s).
 TASK_SECONDS = os.environ.get("CELERY_STACK_FAULT_TASK_SECONDS", "0.5")
+# rabbitmq-upgrade last: it leaves the brokers at the newer build the test mirror serves.
 FAULTS = ("none,prefork-child-kill,worker-restart,rabbitmq-restart,redis-restart,worker-host-reboot,"
-          "worker-host-crash,broker-host-crash,broker-node-down,rolling-deploy")
+          "worker-host-crash,broker-host-crash,broker-node-down,rolling-deploy,rabbitmq-upgrade")
 
 testinfra_hosts = None
-WORKERS = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_hosts(
-    "celery_workers") if os.environ.get("MOLECULE_INVENTORY_FILE") else []
+RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]) if os.environ.get(
+    "MOLECULE_INVENTORY_FILE") else None
+WORKERS = RUNNER.get_hosts("celery_workers") if RUNNER else []
+BROKERS = RUNNER.get_hosts("rabbitmq") if RUNNER else []
+
+
+def _on(host, command):
+    return subprocess.run(["docker", "exec", host, "sh", "-c", command], capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def test_no_fault_loses_fails_or_strands_a_task(tmp_path):
@@ -53,3 +61,12 @@ def test_no_fault_loses_fails_or_strands_a_task(tmp_path):
     rolling = next(row for row in rows if row["fault"] == "rolling-deploy")
     fewest = dict(item.split(":") for item in rolling["consumers"].split())
     assert set(fewest) == {"io", "cpu"} and all(int(n) >= 1 for n in fewest.values()), rolling
+    # The rolling upgrade (nothing lost: the loop above): every node now runs the newer build and
+    # is out of maintenance mode, and the stable feature flags are enabled.
+    versions = {broker: _on(broker, "dpkg-query -W -f '${Version}' rabbitmq-server") for broker in BROKERS}
+    assert all(version.endswith("+mirror2") for version in versions.values()), versions
+    for broker in BROKERS:
+        status = json.loads(_on(broker, "rabbitmq-diagnostics -q status --formatter json"))
+        assert status["is_under_maintenance"] is False, broker
+    flags = json.loads(_on(BROKERS[0], "rabbitmqctl -q list_feature_flags name state stability --formatter json"))
+    assert [f["name"] for f in flags if f["stability"] == "stable" and f["state"] != "enabled"] == [], flags
