@@ -16,8 +16,8 @@ decision is a plain function with unit tests (tests/unit/plugins/filter/test_sta
   filled in, placement (``hosts:``) applied; ``limit_problems``: the time limits of a worker host
   that disagree (broker consumer timeout, systemd stop timeout, Redis visibility timeout);
 - ``broker_url``, ``redis_url``: connection URLs with percent-encoded credentials;
-- ``addresses``, ``rabbitmq_nodes``: how a host reaches the hosts of a group, the cluster's
-  node names; ``host_values``: one variable of several hosts;
+- ``addresses``, ``spread``, ``rabbitmq_nodes``: how a host reaches the hosts of a group and in
+  which order it tries the brokers, the cluster's node names; ``host_values``: one variable of several hosts;
 - ``redis_broker_keys``, ``app_kind``.
 """
 
@@ -423,6 +423,21 @@ def addresses(hosts, inventory_hostname, hostvars):
             for h in hosts]
 
 
+def spread(hosts, client, clients):
+    """The broker hosts in the order `client` tries them: this host first when it is one of them,
+    else rotated by the client's place among all clients, so that the clients (worker and
+    producer hosts) connect to the brokers round-robin instead of all to the first. The others
+    stay in the list: kombu fails over to the next one."""
+    hosts = list(hosts)
+    if not hosts:
+        return hosts
+    if client in hosts:
+        start = hosts.index(client)
+    else:
+        start = list(clients).index(client) % len(hosts) if client in clients else 0
+    return hosts[start:] + hosts[:start]
+
+
 def host_values(hosts, hostvars, name):
     """{host: that host's variable `name`, None where it has none} (hostvars[h].name would fail)."""
     return {h: hostvars[h].get(name) for h in hosts}
@@ -453,4 +468,4 @@ class FilterModule:
         return {f.__name__: f for f in (
             problems, app_kind, quorum_queues, routing_table, queue_type_changes, celery_routing, celery_settings,
             visibility_timeout, producer_permissions, worker_instances, limit_problems,
-            broker_url, redis_url, addresses, host_values, rabbitmq_nodes, redis_broker_keys)}
+            broker_url, redis_url, addresses, spread, host_values, rabbitmq_nodes, redis_broker_keys)}

@@ -259,6 +259,16 @@ def test_addresses_and_nodes():
         ["rabbit@broker-a", "rabbit@mq2", "rabbit@custom"]
 
 
+def test_spread_gives_each_client_its_first_broker():
+    brokers, clients = ["mq1", "mq2", "mq3"], ["w1", "w2", "web1", "web2"]
+    firsts = [stack.spread(brokers, client, clients)[0] for client in clients]
+    assert firsts == ["mq1", "mq2", "mq3", "mq1"]  # round-robin over the clients
+    assert sorted(stack.spread(brokers, "w2", clients)) == brokers  # every broker stays, to fail over
+    assert stack.spread(brokers, "mq3", clients + ["mq3"]) == ["mq3", "mq1", "mq2"]  # on a broker: itself
+    assert stack.spread(brokers, "elsewhere", clients) == brokers
+    assert stack.spread([], "w1", clients) == []
+
+
 def test_host_values():
     hostvars = {"mq1": {"rabbitmq__consumer_timeout": 5}, "mq2": {}}
     assert stack.host_values(["mq1", "mq2"], hostvars, "rabbitmq__consumer_timeout") == {"mq1": 5, "mq2": None}
