@@ -319,21 +319,27 @@ def producer_permissions(table, result_backend="redis", events=False):
 
     - write: the exchanges of the routed queues (named like the queues), and with quorum queues
       Celery's delayed-delivery exchanges (celery_delayed_<level>: countdown/ETA tasks);
-    - configure: nothing. The producers' settings never declare (the workers declare the queues),
+    - configure: nothing (but the celeryev exchange, see below). The producers' settings never
+      declare (the workers declare the queues),
       so an application that ignores the routing table and publishes to Celery's default queue
       `celery` is refused (ACCESS_REFUSED raised by .delay()) instead of creating a queue that no
       worker consumes, where its tasks would stay PENDING for ever;
     - read: nothing, so a producer cannot consume (take) tasks.
     With the rpc result backend the client declares and reads its own reply queue (a UUID). With
-    task events on (monitoring), the producer publishes task-sent events to the celeryev exchange.
+    task events on (monitoring), the producer publishes task-sent events to the celeryev exchange,
+    which Celery declares before its first event on a connection (configure on that exchange
+    only: refused, the broker closes the channel and the event is lost).
     """
     names = [re.escape(entry["name"]) for entry in table]
     if events:
         names.append("celeryev")
     if any(entry.get("queue_type") == "quorum" for entry in table):
         names.append("celery_delayed_[0-9]+")
-    replies = f"^{UUID_QUEUE}$" if result_backend == "rpc" else "^$"
-    return {"configure": replies, "write": f"^({'|'.join(names)})$" if names else "^$", "read": replies}
+    replies = [UUID_QUEUE] if result_backend == "rpc" else []
+    declared = replies + (["celeryev"] if events else [])
+    return {"configure": f"^({'|'.join(declared)})$" if declared else "^$",
+            "write": f"^({'|'.join(names)})$" if names else "^$",
+            "read": f"^({'|'.join(replies)})$" if replies else "^$"}
 
 
 def worker_instances(queues, host, groups, pool_defaults, prefetch_multiplier=1):

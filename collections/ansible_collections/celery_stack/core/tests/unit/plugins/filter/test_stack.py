@@ -150,11 +150,17 @@ def test_producer_permissions_quorum_and_rpc():
 
 
 def test_producer_permissions_task_sent_events():
-    # task_send_sent_event: the producer publishes task-sent to the celeryev exchange
+    # task_send_sent_event: the producer declares the celeryev exchange and publishes task-sent
     table = stack.routing_table(TABLE, "rabbitmq", False)
-    write = re.compile(stack.producer_permissions(table, "redis", events=True)["write"])
+    permissions = stack.producer_permissions(table, "redis", events=True)
+    write, configure = re.compile(permissions["write"]), re.compile(permissions["configure"])
     assert write.match("celeryev") and write.match("io") and not write.match("celeryevx")
+    assert configure.match("celeryev") and not configure.match("celery") and not configure.match("io")
+    assert permissions["read"] == "^$"
     assert not re.compile(stack.producer_permissions(table)["write"]).match("celeryev")
+    rpc = stack.producer_permissions(table, "rpc", events=True)
+    assert re.compile(rpc["configure"]).match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11")
+    assert not re.compile(rpc["read"]).match("celeryev")
 
 
 def test_queue_type_changes():
