@@ -43,10 +43,13 @@ DEFAULT_QUEUE = DATA["settings"]["task_default_queue"]
 # is still running rather than have them run twice at once: prefork kills them. The threads
 # pool cannot stop a thread (it has no kill_job: Celery would log NotImplementedError at every
 # connection loss), so its running tasks finish and may run once more (acks_late: tasks must
-# be idempotent).
+# be idempotent). Every worker runs the deployment's consumer (celery_stack_worker.py next to
+# this file): events without publisher confirms, systemd's watchdog, progress for the health
+# check.
+WORKER_SETTINGS = {"worker_consumer": "celery_stack_worker:Consumer"}
 POOL_SETTINGS = {
-    "prefork": {"worker_cancel_long_running_tasks_on_connection_loss": True},
-    "threads": {"worker_cancel_long_running_tasks_on_connection_loss": False},
+    "prefork": {**WORKER_SETTINGS, "worker_cancel_long_running_tasks_on_connection_loss": True},
+    "threads": {**WORKER_SETTINGS, "worker_cancel_long_running_tasks_on_connection_loss": False},
 }
 
 
