@@ -47,3 +47,25 @@ def test_an_answer_resets_the_count():
 def test_no_verdict_on_an_instance_still_starting():
     counts, restart = health.verdicts({"io-threads": 10}, set(), {"io-threads": 2}, 3, 60)
     assert (counts, restart) == ({}, [])
+
+
+def test_a_busy_instance_that_misses_pings_is_never_restarted():
+    ages = {"io-threads": 300}
+    counts = {}
+    for _ in range(5):
+        counts, restart = health.verdicts(ages, set(), counts, failures=2, grace=60, working={"io-threads"})
+        assert (counts, restart) == ({}, [])
+
+
+def test_progress_counts_only_for_the_same_process_with_more_tasks_completed(tmp_path):
+    for name, data in {"io-threads": '{"pid": 7, "completed": 120}', "io-prefork": '{"pid": 8, "completed": 5}',
+                       "cpu-prefork": "half a fi"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "progress.json").write_text(data)
+    progress = health.read_progress(["io-threads", "io-prefork", "cpu-prefork", "cpu-threads"],
+                                    str(tmp_path / "{}" / "progress.json"))
+    assert progress == {"io-threads": [7, 120], "io-prefork": [8, 5]}
+    previous = {"io-threads": [7, 100], "io-prefork": [6, 1]}
+    # io-prefork was restarted (another pid): its count says nothing about this process
+    assert health.busy(progress, previous) == {"io-threads"}
+    assert health.busy(progress, {"io-threads": [7, 120]}) == set()

@@ -119,7 +119,8 @@ def problems(queues, groups, default_queue="", app=None):
             for option in ("concurrency", "prefetch_multiplier"):
                 if option in settings and int(settings[option]) < 1:
                     found.append(f"{pwhere}.{option} must be at least 1, got {settings[option]}")
-            for option in ("max_tasks_per_child", "max_memory_per_child", "time_limit", "soft_time_limit"):
+            for option in ("max_tasks_per_child", "max_memory_per_child", "time_limit", "soft_time_limit",
+                           "stop_timeout"):
                 if option in settings and int(settings[option]) < 0:
                     found.append(f"{pwhere}.{option} must be 0 (off) or more, got {settings[option]}")
             hard, soft = int(settings.get("time_limit", 0)), int(settings.get("soft_time_limit", 0))
@@ -342,11 +343,25 @@ def producer_permissions(table, result_backend="redis", events=False):
             "read": f"^({'|'.join(replies)})$" if replies else "^$"}
 
 
-def worker_instances(queues, host, groups, pool_defaults, prefetch_multiplier=1):
+def _stop_timeout(pool, settings, stop_timeout, stop_margin):
+    """TimeoutStopSec of one worker: how long its warm shutdown (running tasks finish) may take.
+    The inventory's one figure (celery_worker_stop_timeout) when set, else the pool's own
+    stop_timeout, else for prefork its hard time_limit (the longest a task can run there) plus
+    the margin; a threads worker has no time limit: its stop_timeout says how long its tasks may
+    take to finish."""
+    if int(stop_timeout or 0) > 0:
+        return int(stop_timeout)
+    if int(settings.get("stop_timeout") or 0) > 0:
+        return int(settings["stop_timeout"])
+    limit = int(settings.get("time_limit") or 0) if pool == "prefork" else 0
+    return limit + int(stop_margin)
+
+
+def worker_instances(queues, host, groups, pool_defaults, prefetch_multiplier=1, stop_timeout=0, stop_margin=60):
     """The worker instances of `host`: one per queue x enabled pool placed on it, in table order.
 
     Pool settings are the table's over `pool_defaults` (celery_worker_pool_defaults); prefork-only
-    options are 0 (off) for threads workers.
+    options are 0 (off) for threads workers. stop_timeout: each worker's own (_stop_timeout).
     """
     instances = []
     for index, queue in enumerate(queues):
@@ -364,20 +379,23 @@ def worker_instances(queues, host, groups, pool_defaults, prefetch_multiplier=1)
             }
             for option in PREFORK_ONLY:
                 instance[option] = int(settings.get(option, 0)) if pool == "prefork" else 0
+            instance["stop_timeout"] = _stop_timeout(pool, settings, stop_timeout, stop_margin)
             instances.append(instance)
     return instances
 
 
 def limit_problems(instances, stop_timeout, soft_shutdown_timeout=0, consumer_timeouts=None, visibility_timeout=0):
     """The time limits of one worker host that must agree, each broken rule as a message naming
-    both sides. instances: worker_instances() of the host (pool defaults filled in; a threads
-    worker has no time_limit, 0); consumer_timeouts: {broker host: rabbitmq_consumer_timeout in ms}
+    both sides. instances: worker_instances() of the host (pool defaults filled in, each with its
+    own stop_timeout; a threads worker has no time_limit, 0); stop_timeout: the inventory's one
+    figure for every worker (celery_worker_stop_timeout, 0 = each its own); consumer_timeouts: {broker host: rabbitmq_consumer_timeout in ms}
     (RabbitMQ brokers only; None when unknown); visibility_timeout: seconds, Redis broker only.
 
     - RabbitMQ closes the channel of a delivery unacknowledged for consumer_timeout (celery #6760):
       with late acks a task running longer is redelivered and runs twice, the worker reconnects.
-    - systemd kills a worker still running after TimeoutStopSec: the warm shutdown must outlast
-      the longest task (the hard time_limit ends it at the latest) plus the soft shutdown.
+    - systemd kills a worker still running after TimeoutStopSec: the warm shutdown of each worker
+      must outlast its longest task (the hard time_limit ends it at the latest) plus the soft
+      shutdown.
     - The Redis transport redelivers a message unacknowledged for visibility_timeout: a task still
       running is started again elsewhere.
     """
@@ -395,10 +413,17 @@ def limit_problems(instances, stop_timeout, soft_shutdown_timeout=0, consumer_ti
                          "RabbitMQ would close the channel of a task still running and deliver it again "
                          "(celery #6760). Raise rabbitmq_consumer_timeout or lower the time_limit.")
     soft = float(soft_shutdown_timeout or 0)
-    if int(stop_timeout) <= limit + soft:
-        found.append(f"celery_worker_stop_timeout ({int(stop_timeout)} s, TimeoutStopSec; computed when 0: the "
-                     f"longest time_limit + celery_worker_stop_margin) must be longer than {where} plus "
-                     f"celery_app_soft_shutdown_timeout ({soft:g} s): systemd would kill running tasks on a stop.")
+    for instance in limited:
+        own = int(instance.get("stop_timeout") or 0)
+        if own > int(instance["time_limit"]) + soft:
+            continue
+        source = (f"celery_worker_stop_timeout ({int(stop_timeout)} s, TimeoutStopSec)" if int(stop_timeout or 0) > 0
+                  else f"celery_stack_queues ({instance['queue']}).pools.{instance['pool']}.stop_timeout ({own} s, "
+                       f"TimeoutStopSec of {instance['instance']}; computed when unset: its time_limit + "
+                       "celery_worker_stop_margin)")
+        found.append(f"{source} must be longer than the time_limit of {instance['instance']} "
+                     f"({int(instance['time_limit'])} s) plus celery_app_soft_shutdown_timeout ({soft:g} s): "
+                     "systemd would kill running tasks on a stop.")
     if int(visibility_timeout or 0) and int(visibility_timeout) <= limit:
         found.append(f"celery_app_redis_visibility_timeout ({int(visibility_timeout)} s) must be longer than {where}: "
                      "the Redis broker would deliver a task that still runs to another worker.")

@@ -90,9 +90,14 @@ class Liveness:
         self.interval = interval
         self.clock = clock
         self.last_tick = clock()
+        # The longest time between two ticks beyond the interval (how late the loop ran its
+        # timer, e.g. under a burst): the margin the watchdog has, written with the progress.
+        self.longest_delay = 0.0
 
     def tick(self):
-        self.last_tick = self.clock()
+        now = self.clock()
+        self.longest_delay = max(self.longest_delay, now - self.last_tick - self.interval)
+        self.last_tick = now
 
     def alive(self, consuming=True):
         return not consuming or self.clock() - self.last_tick <= 2 * self.interval
@@ -103,10 +108,14 @@ class Watchdog(bootsteps.StartStopStep):
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
+    # Seconds between two progress records when the unit has no watchdog.
+    PROGRESS_INTERVAL = 5.0
+
     def __init__(self, c, **kwargs):
         super().__init__(c, **kwargs)
-        self.interval = watchdog_interval()
-        self.liveness = Liveness(self.interval or 1.0)
+        self.watchdog = watchdog_interval()
+        self.interval = self.watchdog or self.PROGRESS_INTERVAL
+        self.liveness = Liveness(self.interval)
         self.timer_entry = None
         self.thread = None
         self.stopped = threading.Event()
@@ -114,15 +123,14 @@ class Watchdog(bootsteps.StartStopStep):
 
     def start(self, c):
         self.consuming = True
-        self.liveness.tick()
-        if self.interval:
-            if c.hub is not None:
-                # Runs on the event loop: a blocked loop stops the ticks.
-                self.timer_entry = c.timer.call_repeatedly(self.interval, self.liveness.tick)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._keep_alive, args=(c,),
-                                               name="celery-stack-watchdog", daemon=True)
-                self.thread.start()
+        self.liveness.last_tick = self.liveness.clock()
+        if c.hub is not None:
+            # Runs on the event loop: a blocked loop stops the ticks.
+            self.timer_entry = c.timer.call_repeatedly(self.interval, self.liveness.tick)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._keep_alive, args=(c,),
+                                           name="celery-stack-watchdog", daemon=True)
+            self.thread.start()
         notify("READY=1\nSTATUS=consuming")
 
     def stop(self, c):
@@ -140,26 +148,29 @@ class Watchdog(bootsteps.StartStopStep):
 
     def _keep_alive(self, c):
         while not self.stopped.wait(self.interval):
-            if c.hub is None or self.liveness.alive(self.consuming):
+            try:
+                write_progress(loop_delay=round(self.liveness.longest_delay, 3))
+            except OSError:  # no verdict lost: the health check then counts pings only
+                pass
+            if self.watchdog and (c.hub is None or self.liveness.alive(self.consuming)):
                 notify("WATCHDOG=1")
-            write_progress()
 
 
-def progress():
+def progress(**extra):
     """Tasks this worker process has completed (Celery's own count) and runs now."""
     return {"completed": state.all_total_count[0], "active": len(state.active_requests),
-            "pid": os.getpid(), "time": round(time.time(), 3)}
+            "pid": os.getpid(), "time": round(time.time(), 3), **extra}
 
 
-def write_progress(directory=None):
-    """progress() to <directory>/progress.json (default: the unit's $RUNTIME_DIRECTORY), written
-    whole or not at all (a rename), so the health check never reads half a file."""
+def write_progress(directory=None, **extra):
+    """progress(**extra) to <directory>/progress.json (default: the unit's $RUNTIME_DIRECTORY),
+    written whole or not at all (a rename), so the health check never reads half a file."""
     directory = directory or os.environ.get("RUNTIME_DIRECTORY")
     if not directory:
         return None
     path = os.path.join(directory, "progress.json")
     partial = path + ".partial"
     with open(partial, "w", encoding="utf-8") as handle:
-        json.dump(progress(), handle)
+        json.dump(progress(**extra), handle)
     os.replace(partial, path)
     return path

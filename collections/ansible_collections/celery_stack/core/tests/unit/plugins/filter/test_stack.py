@@ -183,7 +183,7 @@ def test_worker_instances_fill_defaults_and_skip_disabled_pools():
     io_prefork, io_threads, cpu_prefork = instances
     assert io_prefork == {"instance": "io-prefork", "queue": "io", "pool": "prefork", "concurrency": 4,
                           "prefetch_multiplier": 1, "max_tasks_per_child": 1000, "max_memory_per_child": 0,
-                          "time_limit": 1500, "soft_time_limit": 1440}
+                          "time_limit": 1500, "soft_time_limit": 1440, "stop_timeout": 1560}
     # the threads pool never gets prefork-only options, whatever the defaults hold
     assert io_threads["concurrency"] == 32
     assert io_threads["time_limit"] == io_threads["max_tasks_per_child"] == 0
@@ -204,8 +204,8 @@ def test_worker_instances_placement():
         ["io-prefork", "io-threads"]
 
 
-LIMITED = [{"instance": "cpu-prefork", "queue": "cpu", "pool": "prefork", "time_limit": 300},
-           {"instance": "cpu-threads", "queue": "cpu", "pool": "threads", "time_limit": 0}]
+LIMITED = [{"instance": "cpu-prefork", "queue": "cpu", "pool": "prefork", "time_limit": 300, "stop_timeout": 360},
+           {"instance": "cpu-threads", "queue": "cpu", "pool": "threads", "time_limit": 0, "stop_timeout": 60}]
 
 
 def test_limits_that_agree():
@@ -221,9 +221,23 @@ def test_a_consumer_timeout_shorter_than_a_time_limit_names_both():
 
 
 def test_a_stop_timeout_without_room_for_the_soft_shutdown():
-    found = stack.limit_problems(LIMITED, 305, 10.0, {})
+    overridden = [dict(i, stop_timeout=305) for i in LIMITED]
+    found = stack.limit_problems(overridden, 305, 10.0, {})
     assert len(found) == 1 and found[0].startswith("celery_worker_stop_timeout (305 s")
     assert "celery_app_soft_shutdown_timeout (10 s)" in found[0]
+    found = stack.limit_problems([dict(LIMITED[0], stop_timeout=300)], 0, 10.0, {})
+    assert len(found) == 1 and found[0].startswith("celery_stack_queues (cpu).pools.prefork.stop_timeout (300 s")
+
+
+def test_each_worker_gets_its_own_stop_timeout():
+    table = [{"name": "io", "tasks": ["a.*"], "pools": {"threads": {"stop_timeout": 90}}},
+             {"name": "cpu", "tasks": ["b.*"], "pools": {"prefork": {"time_limit": 300}}}]
+    timeouts = {i["instance"]: i["stop_timeout"]
+                for i in stack.worker_instances(table, "w1", GROUPS, POOL_DEFAULTS, 1, 0, 60)}
+    # prefork: its own time_limit + the margin; threads: its pool's stop_timeout, else the margin
+    assert timeouts == {"io-prefork": 1560, "io-threads": 90, "cpu-prefork": 360, "cpu-threads": 60}
+    # the inventory's one figure wins over every computed one
+    assert {i["stop_timeout"] for i in stack.worker_instances(table, "w1", GROUPS, POOL_DEFAULTS, 1, 2000)} == {2000}
 
 
 def test_a_redis_visibility_timeout_shorter_than_a_task():
