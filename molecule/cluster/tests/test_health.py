@@ -1,13 +1,18 @@
-"""The health check of the worker instances (celery-worker-health.timer), checked by behaviour.
+"""The health of the worker instances, checked by behaviour: systemd's watchdog (WatchdogSec=,
+fed from each worker's event loop) and the health check (celery-worker-health.timer).
 
 - every worker host runs the timer, and its last run found every instance of the host answering;
 - a worker instance that stops consuming (its main process stopped with SIGSTOP: it still runs
   for systemd, holds its broker connection and its reserved tasks, and answers nothing) is
-  restarted by the check within the configured detection window, and every other instance, on
-  this host and the others, keeps running untouched;
+  restarted within the detection window (by the watchdog, or the check: whichever comes first),
+  and every other instance, on this host and the others, keeps running untouched;
+- a worker whose process is blocked while it runs tasks (a C call holding the GIL: its event
+  loop stops) is aborted and restarted by systemd's watchdog, while the prefork worker of the
+  same queue, whose children hold the same tasks but whose event loop turns, is left alone;
 - what a check costs, next to what `celery inspect ping` costs for one instance (printed).
+The load suite (test_load.py) proves the other side: a busy worker is never restarted.
 
-The stop test drives two hosts, so it runs once rather than once per host.
+The stop tests drive two hosts, so they run once rather than once per host.
 """
 
 import json
@@ -78,10 +83,13 @@ def test_a_stopped_worker_is_restarted_and_no_other_instance_is_touched():
             break
         assert time.time() - stopped_at < window, _health_log(stuck_host, "-10min")
         time.sleep(1)
-    print(f"\n{stuck} stopped with SIGSTOP: restarted by the health check after {time.time() - stopped_at:.0f} s "
-          f"(interval {interval} s, {failures} missed pings, window {window:.0f} s)")
-    assert f"restarted celery-worker@{stuck}.service: no answer to {failures} pings in a row" in _health_log(
+    by_check = f"restarted celery-worker@{stuck}.service: no answer to {failures} pings in a row" in _health_log(
         stuck_host, "-10min")
+    by_watchdog = "Watchdog timeout" in _journal(stuck_host, stuck, "-10min")
+    print(f"\n{stuck} stopped with SIGSTOP: restarted after {time.time() - stopped_at:.0f} s by "
+          f"{'the watchdog' if by_watchdog else 'the health check'} (interval {interval} s, {failures} missed "
+          f"pings, window {window:.0f} s)")
+    assert by_check or by_watchdog
     # the new process consumes: it answers a ping by its node name
     node = f"{stuck}@{stuck_host.check_output('hostname')}"
     deadline = time.time() + 120
@@ -92,6 +100,58 @@ def test_a_stopped_worker_is_restarted_and_no_other_instance_is_touched():
     before[WORKERS[-1]].pop(stuck)
     after[WORKERS[-1]].pop(stuck)
     assert after == before  # every other instance: the same process as before
+
+
+def _journal(host, instance, since):
+    return host.check_output(f"journalctl -u celery-worker@{instance}.service --since {since} --no-pager -o cat")
+
+
+def _watchdog_seconds(host, instance):
+    usec = host.check_output(f"systemctl show -p WatchdogUSec --value celery-worker@{instance}.service")
+    return sum(int(n) * {"min": 60, "s": 1}[u] for n, u in re.findall(r"(\d+)(min|s)", usec))
+
+
+def test_a_blocked_worker_is_restarted_by_the_watchdog_and_the_busy_one_is_not():
+    """cpu runs on worker1 only (routing table: hosts celery_cpu_workers): its prefork and its
+    threads worker each take tasks that hold the GIL for a minute. The threads worker's event loop
+    stops with them; the prefork worker's children stop, its loop turns."""
+    host = _host(WORKERS[0])
+    before = _main_pids(host)
+    watchdog = _watchdog_seconds(host, "cpu-threads")
+    assert watchdog > 0
+    since = "@" + host.check_output("date +%s")
+    hold = 60
+    sender = f"""
+import time
+from celery_stack_app import app
+until = time.time() + {hold}
+# two per consumer (concurrency 2 x prefetch 1): RabbitMQ hands them round robin to both workers
+print([app.send_task("celery_stack_demo.tasks.hold_gil", (until,), queue="cpu").id for _ in range(4)])
+"""
+    host.check_output(f"cat > /root/hold.py <<'EOF'\n{sender}\nEOF")
+    host.check_output("set -a; . /etc/celery-stack/celery.env; set +a; "
+                      "/opt/celery-stack/venv/bin/python /root/hold.py")
+    sent = time.time()
+    # WatchdogSec after the last keep-alive, then TimeoutAbortSec (10 s) and the start
+    window = watchdog + 10 + 60
+    while "Watchdog timeout" not in _journal(host, "cpu-threads", since):
+        assert time.time() - sent < window, _journal(host, "cpu-threads", since)
+        time.sleep(1)
+    print(f"\ncpu-threads blocked: systemd's watchdog ({watchdog} s) fired {time.time() - sent:.0f} s after the "
+          "tasks were sent")
+    # the prefork worker held the same tasks in its children: busy, never restarted
+    time.sleep(max(0.0, sent + hold + 5 - time.time()))
+    after = _main_pids(host)
+    assert after["cpu-prefork"] == before["cpu-prefork"]
+    assert {k: v for k, v in after.items() if not k.startswith("cpu-")} == \
+        {k: v for k, v in before.items() if not k.startswith("cpu-")}
+    assert "restarted celery-worker@cpu-prefork" not in _health_log(host, since)
+    # and the restarted threads worker consumes again
+    deadline = time.time() + 120
+    node = f"cpu-threads@{host.check_output('hostname')}"
+    while not host.run(f"/opt/celery-stack/bin/celery-stack inspect ping --timeout 2 -d {node}").succeeded:
+        assert time.time() < deadline, f"{node} does not answer after its restart"
+        time.sleep(2)
 
 
 def test_what_a_check_costs(host):

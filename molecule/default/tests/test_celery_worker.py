@@ -86,24 +86,26 @@ def test_every_worker_instance_runs_as_configured(host, deployed):
 
 
 def test_unit_stops_warmly_and_restarts(host, deployed):
-    """Warm shutdown (SIGTERM to the main process only) with a stop timeout above the limits."""
-    unit = f"celery-worker@{deployed['workers'][0]['instance']}.service"
-    props = dict(
-        line.split("=", 1)
-        for line in host.check_output(
-            "systemctl show -p Type -p KillMode -p KillSignal -p Restart -p TimeoutStopUSec %s", unit
-        ).splitlines()
-    )
-    assert props["Type"] in ("exec", "simple")
-    assert props["KillMode"] == "mixed"
-    assert props["KillSignal"] == "15"
-    assert props["Restart"] == "always"
-    longest = max([w["time_limit"] for w in deployed["workers"]] + [0])
-    stop = props["TimeoutStopUSec"]
-    seconds = sum(
-        int(n) * {"h": 3600, "min": 60, "s": 1}[u] for n, u in re.findall(r"(\d+)(h|min|s)", stop)
-    )
-    assert seconds > longest, f"TimeoutStopSec {stop} does not exceed the longest time limit {longest}s"
+    """Warm shutdown (SIGTERM to the main process only), each instance with its own stop timeout
+    above its time limit; readiness and the watchdog through sd_notify from the worker."""
+    for worker in deployed["workers"]:
+        unit = f"celery-worker@{worker['instance']}.service"
+        props = dict(
+            line.split("=", 1)
+            for line in host.check_output(
+                "systemctl show -p Type -p NotifyAccess -p WatchdogUSec -p KillMode -p KillSignal -p Restart "
+                "-p TimeoutStopUSec %s", unit
+            ).splitlines()
+        )
+        assert (props["Type"], props["NotifyAccess"]) == ("notify", "main")
+        assert props["WatchdogUSec"] != "0"
+        assert props["KillMode"] == "mixed"
+        assert props["KillSignal"] == "15"
+        assert props["Restart"] == "always"
+        seconds = sum(int(n) * {"h": 3600, "min": 60, "s": 1}[u]
+                      for n, u in re.findall(r"(\d+)(h|min|s)", props["TimeoutStopUSec"]))
+        assert seconds == worker["stop_timeout"], unit
+        assert seconds > worker["time_limit"], f"{unit}: TimeoutStopSec {seconds} s, time limit {worker['time_limit']} s"
 
 
 def test_no_orphan_workers(host, deployed):

@@ -16,7 +16,7 @@ from celery.worker import state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "files/etc/celery-stack/python"))
 
-import celery_stack_worker as worker  # noqa: E402
+import celery_stack_worker as worker
 
 
 def test_events_connection_has_no_publisher_confirms_and_keeps_the_other_options():
@@ -34,7 +34,7 @@ def test_events_connection_has_no_publisher_confirms_and_keeps_the_other_options
 def test_the_consumer_runs_the_watchdog_after_celerys_own_steps():
     steps = worker.Consumer.Blueprint.default_steps
     assert steps[-1] == "celery_stack_worker:Watchdog"
-    assert steps[:-1] == list(worker.consumer.Consumer.Blueprint.default_steps)
+    assert list(steps[:-1]) == list(worker.consumer.Consumer.Blueprint.default_steps)
     # the deployment's settings name this consumer for every worker pool
     config = (Path(worker.__file__).with_name("celery_stack_config.py")).read_text()
     assert '"worker_consumer": "celery_stack_worker:Consumer"' in config

@@ -112,3 +112,18 @@ def crawl_probe(self, run, index, seconds):
     with open(path, "a", encoding="utf-8") as log:
         log.write(f"{int(index)} {self.request.hostname} {time.time():.3f}\n")
     return {"index": int(index), **_where(self.request)}
+
+
+@app.task(bind=True)
+def hold_gil(self, until):
+    """The health test's blocked worker (molecule/cluster/tests/test_health.py): until the unix
+    time `until`, a C call that keeps Python's GIL (libc's sleep() through ctypes.PyDLL, as a C
+    extension that never releases it would), so nothing else in the process runs, its event
+    loop included. In a prefork child only that child stops; a threads worker stops whole."""
+    import ctypes
+    import ctypes.util
+
+    seconds = int(float(until) - time.time())
+    if seconds > 0:
+        ctypes.PyDLL(ctypes.util.find_library("c")).sleep(seconds)
+    return {"held": max(seconds, 0), **_where(self.request)}

@@ -27,7 +27,6 @@ celery_stack_config.POOL_SETTINGS names this module's Consumer as ``worker_consu
 """
 
 import json
-
 import os
 import socket
 import threading
@@ -45,7 +44,7 @@ class Consumer(consumer.Consumer):
     dispatcher differs."""
 
     class Blueprint(consumer.Consumer.Blueprint):
-        default_steps = [*consumer.Consumer.Blueprint.default_steps, "celery_stack_worker:Watchdog"]
+        default_steps = (*consumer.Consumer.Blueprint.default_steps, "celery_stack_worker:Watchdog")
 
     def connection_for_write(self, url=None, heartbeat=None):
         # Celery calls this for the event dispatcher's connection only (consumer/events.py).
