@@ -1,5 +1,5 @@
 """Demo tasks: the original note's ``run_add``, a crawl-and-store I/O task, a CPU-bound task,
-and the fault suite's probe (``crawl_probe``).
+the fault suite's probe (``crawl_probe``) and a poison task (``cpu_poison``).
 
 Every task returns evidence of where it ran (the worker node name ``<queue>-<pool>@host``, the
 queue it was delivered from, the process id and thread name), so tests can prove that the
@@ -8,6 +8,7 @@ routing table sent it to the right queue and pool.
 
 import os
 import re
+import signal
 import sqlite3
 import threading
 import time
@@ -127,3 +128,28 @@ def hold_gil(self, until):
     if seconds > 0:
         ctypes.PyDLL(ctypes.util.find_library("c")).sleep(seconds)
     return {"held": max(seconds, 0), **_where(self.request)}
+
+
+@app.task(bind=True)
+def cpu_poison(self, run, kills=None):
+    """A poison task: appends "<worker> <pid> <unix time>" to poison-<run>.log on the worker host
+    (one line per attempt), then kills its own process with SIGKILL, as an OOM kill would: the
+    prefork pool loses a child (WorkerLostError). With ``kills``, only the first ``kills``
+    attempts die and the next one returns (a replayed message that now succeeds).
+
+    Routed with cpu_* to the cpu queue. Prefork only: a threads pool runs the task in the
+    worker's own process, which SIGKILL would take down whole (the worker, not a child), so
+    there the task fails with RuntimeError instead."""
+    path = os.path.join(os.environ.get(PROBE_DIR_ENV, DEFAULT_PROBE_DIR), f"poison-{run}.log")
+    try:
+        with open(path, encoding="utf-8") as log:
+            attempts = len(log.readlines())
+    except FileNotFoundError:
+        attempts = 0
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"{self.request.hostname} {os.getpid()} {time.time():.3f}\n")
+    if kills is None or attempts < int(kills):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("cpu_poison kills prefork children only; this is a threads pool")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"attempts": attempts + 1, **_where(self.request)}

@@ -494,9 +494,50 @@ def redis_broker_keys(queue_names):
     return [f"{name}{suffix}" for name in names for suffix in ("", "??[369]")]
 
 
+# Poison tasks (celery_stack_worker.py, section "Poison tasks"): the exchange and queues the
+# workers declare, and the policy that makes RabbitMQ dead-letter into them.
+DEAD_LETTER_EXCHANGE = "celery-stack.dead-letter"
+DEAD_LETTER_SUFFIX = ".dead-letter"
+
+
+def dead_letter_policies(queues, delivery_limit=20, priority=0):
+    """One RabbitMQ policy per routed queue ({vhost, name, pattern, tags, priority}, for
+    community.rabbitmq.rabbitmq_policy): a message rejected without requeue (a poison task at the
+    workers' limit, an unknown task) or over a quorum queue's delivery limit goes to the
+    dead-letter exchange with the queue's name as routing key, so into <queue>.dead-letter.
+
+    queues: rabbitmq_stack_queues ({vhost, name, queue_type}). delivery-limit on quorum queues
+    only (classic queues have none): a safety net above the workers' own limit, for deaths the
+    workers cannot count (the whole worker process killed). The pattern is the exact name, so it
+    never matches the dead-letter queue itself. RabbitMQ applies ONE policy per queue (the
+    highest priority): another policy matching a routed queue must carry these keys too.
+    """
+    if int(delivery_limit) < 1:
+        raise AnsibleFilterError(f"the quorum delivery limit must be at least 1, got {delivery_limit!r}")
+    policies = []
+    for queue in queues:
+        tags = {"dead-letter-exchange": DEAD_LETTER_EXCHANGE, "dead-letter-routing-key": queue["name"]}
+        if queue.get("queue_type") == "quorum":
+            tags["delivery-limit"] = int(delivery_limit)
+        policies.append({"vhost": queue["vhost"], "name": f"celery-stack-dead-letter-{queue['name']}",
+                         "pattern": f"^{re.escape(queue['name'])}$", "tags": tags, "priority": str(int(priority))})
+    return policies
+
+
+def stale_dead_letter_policies(listings, wanted):
+    """The dead-letter policies of this bundle ({vhost, name}) that exist on the broker but are no
+    longer wanted (their queue left the routing table). listings: the registered results of
+    `rabbitmqctl list_policies -p VHOST --formatter json`, one per vhost (item = vhost)."""
+    keep = {(policy["vhost"], policy["name"]) for policy in wanted}
+    return [{"vhost": result["item"], "name": policy["name"]} for result in listings
+            for policy in json.loads(result["stdout"] or "[]")
+            if policy["name"].startswith("celery-stack-dead-letter-") and (result["item"], policy["name"]) not in keep]
+
+
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
             problems, app_kind, quorum_queues, routing_table, queue_type_changes, celery_routing, celery_settings,
             visibility_timeout, producer_permissions, worker_instances, limit_problems,
-            broker_url, redis_url, addresses, spread, host_values, rabbitmq_nodes, redis_broker_keys)}
+            broker_url, redis_url, addresses, spread, host_values, rabbitmq_nodes, redis_broker_keys,
+            dead_letter_policies, stale_dead_letter_policies)}

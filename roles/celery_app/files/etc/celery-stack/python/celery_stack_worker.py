@@ -1,6 +1,7 @@
 # Managed by Ansible (role celery_app of celery-stack): local changes are overwritten.
 """What the deployment adds to a Celery worker (a unit runs with CELERY_POOL set, and
-celery_stack_config.POOL_SETTINGS names this module's Consumer as ``worker_consumer``).
+celery_stack_config.POOL_SETTINGS names this module's Consumer as ``worker_consumer``): four
+things, each with its reason.
 
 1. Task events never wait for a publisher confirm (``Consumer.connection_for_write``).
    The worker sends its events over a connection of their own, which Celery (5.7) registers
@@ -24,6 +25,9 @@ celery_stack_config.POOL_SETTINGS names this module's Consumer as ``worker_consu
 3. Progress for the health check (celery-stack-health): with every keep-alive the worker writes
    how many tasks it has completed and how many it runs to $RUNTIME_DIRECTORY/progress.json. A
    worker that misses pings while its count goes up is busy, not dead, and is left alone.
+
+4. Poison tasks (``Request``, ``DeadLetters``: the section at the end): a message whose task has
+   killed its worker process N times goes to a dead-letter queue, its result records FAILURE.
 """
 
 import json
@@ -32,8 +36,14 @@ import socket
 import threading
 import time
 
-from celery import bootsteps
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
+from celery import bootsteps, signals
+from celery.utils.log import get_logger
 from celery.worker import consumer, state
+from celery.worker import request as celery_request
+from kombu import Exchange, Queue
+from kombu.utils.encoding import safe_repr
 
 # The events connection (see 1. above): every other transport option of the stack stays.
 EVENTS_TRANSPORT_OPTIONS = {"confirm_publish": False}
@@ -44,7 +54,8 @@ class Consumer(consumer.Consumer):
     dispatcher differs."""
 
     class Blueprint(consumer.Consumer.Blueprint):
-        default_steps = (*consumer.Consumer.Blueprint.default_steps, "celery_stack_worker:Watchdog")
+        default_steps = (*consumer.Consumer.Blueprint.default_steps, "celery_stack_worker:Watchdog",
+                         "celery_stack_worker:DeadLetters")
 
     def connection_for_write(self, url=None, heartbeat=None):
         # Celery calls this for the event dispatcher's connection only (consumer/events.py).
@@ -173,3 +184,208 @@ def write_progress(directory=None, **extra):
         json.dump(progress(**extra), handle)
     os.replace(partial, path)
     return path
+
+
+# =============================================================================================
+# Poison tasks: a message that kills its worker process N times is dead-lettered.
+# =============================================================================================
+# With task_acks_late + task_reject_on_worker_lost, Celery requeues a task whose prefork child
+# died (SIGKILL, an OOM kill, a segfault): a task that kills its child every time is requeued for
+# ever on a classic queue (measured: 33 attempts in 2 minutes), and on a quorum queue RabbitMQ
+# drops it after its delivery limit. The deployment's Request counts the deaths of a message in
+# a header of its own, the same way on both queue types (x-delivery-count exists on quorum
+# queues only, and also counts returns that are no death: a worker restart, a lost connection):
+#
+# - below the limit (celery_stack_task_worker_lost_limit, N): the message is published again,
+#   the same body, properties and headers with the count + 1, with publisher confirms (the
+#   app's broker_transport_options), then the delivered one is acknowledged: the copy is the
+#   redelivery. Should the publish fail, Celery's own requeue happens (nothing is lost);
+# - at N: the task is recorded FAILURE in the result backend (WorkerLostError, with the
+#   dead-letter queue named), and the message is rejected without requeue: RabbitMQ sends it
+#   to the queue's dead-letter exchange (the broker's policy, roles/rabbitmq), into
+#   <queue>.dead-letter, which the workers declare at start (DeadLetters below). Replay:
+#   celery_stack_dead_letters.py.
+#
+# N = 0: Celery's own behaviour. The threads pool runs tasks in the worker's own process: there
+# is no child to lose, and a task that kills the process kills the worker, whose unacknowledged
+# messages the broker requeues; the Request cannot count those (quorum queues' delivery-limit
+# is the safety net). Tasks with retry_on_worker_lost keep Celery's handling.
+
+
+logger = get_logger(__name__)
+
+LIMIT_SETTING = "celery_stack_task_worker_lost_limit"
+DEATHS_HEADER = "x-celery-stack-deaths"
+DEAD_LETTER_EXCHANGE = "celery-stack.dead-letter"
+DEAD_LETTER_SUFFIX = ".dead-letter"
+REQUEST = "celery_stack_worker:Request"
+CELERY_REQUEST = "celery.worker.request:Request"
+# Headers RabbitMQ sets itself on delivery: a copy must not carry them.
+BROKER_HEADERS = ("x-delivery-count", "x-acquired-count")
+# AMQP properties a copy keeps (user_id is checked against the publishing user: not kept).
+COPIED_PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode", "expiration",
+                     "message_id", "timestamp", "type", "app_id")
+# Celery's native delayed delivery (quorum queues): 28 bits of remaining delay in front of the
+# routing key, published to the celery_delayed_<level> exchanges.
+DELAY_BITS = 28
+
+
+def dead_letter_queue(queue):
+    return queue + DEAD_LETTER_SUFFIX
+
+
+def deaths(headers):
+    """How many times this message has killed a worker process (its header; 0 when absent)."""
+    try:
+        return max(0, int((headers or {}).get(DEATHS_HEADER) or 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def verdict(died, limit):
+    """What to do with a message whose task killed its process, now the died-th time:
+    "celery" (limit 0: Celery requeues), "redeliver" (below the limit) or "dead-letter"."""
+    if limit <= 0:
+        return "celery"
+    return "redeliver" if died < limit else "dead-letter"
+
+
+def queue_of(delivery_info):
+    """The routed queue a message was delivered for: its routing key (the deployment routes
+    every queue by its own name), without the delay bits of Celery's delayed delivery."""
+    key = (delivery_info or {}).get("routing_key") or ""
+    parts = key.split(".")
+    if len(parts) > DELAY_BITS and all(bit in ("0", "1") for bit in parts[:DELAY_BITS]):
+        return ".".join(parts[DELAY_BITS:])
+    return key
+
+
+def redelivery(message, died):
+    """The publish() arguments of the copy of ``message`` that counts ``died`` deaths: same body,
+    content type and encoding, properties and headers, to the same exchange and routing key. A
+    message that came through delayed delivery goes straight to its queue (default exchange)
+    instead of waiting out its delay again."""
+    info = message.delivery_info or {}
+    exchange, routing_key = info.get("exchange") or "", info.get("routing_key") or ""
+    if exchange.startswith("celery_delayed_") or queue_of(info) != routing_key:
+        exchange, routing_key = "", queue_of(info)
+    headers = {name: value for name, value in (message.headers or {}).items() if name not in BROKER_HEADERS}
+    headers[DEATHS_HEADER] = int(died)
+    properties = {name: message.properties[name] for name in COPIED_PROPERTIES
+                  if message.properties.get(name) is not None}
+    return {"body": message.body, "exchange": exchange, "routing_key": routing_key, "headers": headers,
+            "content_type": message.content_type, "content_encoding": message.content_encoding,
+            **properties}
+
+
+def dead_letter_reason(died, queue, lost):
+    return (f"the task killed its worker process {died} times (last: {lost}); its message is in the "
+            f"dead-letter queue {dead_letter_queue(queue)}")
+
+
+def _is_worker_lost(req, exc):
+    # As Celery's on_failure: billiard >= 4.3 reports a lost child as SystemExit, unless the
+    # worker itself stopped it (a revoke, a cancel on connection loss).
+    if isinstance(exc, WorkerLostError):
+        return True
+    return (isinstance(exc, (SystemExit, KeyboardInterrupt))
+            and not (req._already_cancelled or req._already_revoked))
+
+
+class Request(celery_request.Request):
+    """Celery's Request; only a lost worker process of a late-acknowledged task differs."""
+
+    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+        exc = exc_info.exception
+        if isinstance(exc, ExceptionWithTraceback):
+            exc = exc.exc
+        limit = int(self.app.conf.get(LIMIT_SETTING) or 0)
+        task = self.task
+        if (not _is_worker_lost(self, exc) or limit <= 0 or not task.acks_late
+                or not task.reject_on_worker_lost or task.retry_on_worker_lost
+                or state.should_terminate or state.should_stop or self._success_was_stored()):
+            # Not a death this deployment counts (a cold shutdown kills children too).
+            return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+        died = deaths(self._message.headers) + 1
+        if verdict(died, limit) == "redeliver":
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    producer.publish(retry=True, retry_policy={"max_retries": 3}, **redelivery(self._message, died))
+            except Exception as error:  # noqa: BLE001 - Celery's requeue: nothing is lost
+                logger.error("Task %s[%s] killed its worker process; publishing its redelivery failed "
+                             "(%r): requeued by Celery instead", self.task_name, self.id, error)
+                return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
+            state.task_ready(self)
+            self.acknowledge()
+            self.send_event("task-rejected", requeue=True)
+            logger.warning("Task %s[%s] killed its worker process (%s), %d of %d times: delivered again",
+                           self.task_name, self.id, exc, died, limit)
+            return None
+        return self._dead_letter(exc, died, send_failed_event)
+
+    def _dead_letter(self, lost, died, send_failed_event):
+        state.task_ready(self)
+        queue = queue_of(self._message.delivery_info)
+        exc = WorkerLostError(dead_letter_reason(died, queue, lost))
+        try:
+            raise exc
+        except WorkerLostError:
+            einfo = ExceptionInfo(internal=True)
+        self.task.backend.mark_as_failure(self.id, exc, request=self._context, store_result=self.store_errors)
+        self.task.request_stack.push(self._context)
+        try:
+            signals.task_failure.send(sender=self.task, task_id=self.id, exception=exc, args=self.args,
+                                      kwargs=self.kwargs, traceback=einfo.traceback, einfo=einfo)
+        finally:
+            self.task.request_stack.pop()
+        # Rejected without requeue: RabbitMQ dead-letters it (the queue's policy).
+        self.reject(requeue=False)
+        if send_failed_event:
+            self.send_event("task-failed", exception=safe_repr(exc), traceback=einfo.traceback)
+        logger.error("Task %s[%s] %s", self.task_name, self.id, exc)
+
+
+def install_request(app):
+    """Every task whose Request is Celery's default gets the deployment's; a task with a Request
+    of its own keeps it. Returns the names of the tasks changed."""
+    changed = []
+    for name, task in app.tasks.items():
+        current = task.Request
+        if current in (CELERY_REQUEST, celery_request.Request):
+            task.Request = REQUEST
+            changed.append(name)
+    return changed
+
+
+def dead_letter_entities(queue_names):
+    """The dead-letter exchange (direct) and, per routed queue, <queue>.dead-letter: classic,
+    durable, bound with the queue's name (the broker's policy sets that dead-letter routing key)."""
+    exchange = Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True)
+    return exchange, [Queue(dead_letter_queue(name), exchange, routing_key=name, durable=True,
+                            queue_arguments={"x-queue-type": "classic"}) for name in queue_names]
+
+
+class DeadLetters(bootsteps.StartStopStep):
+    """A consumer step: installs the Request (at the consumer's construction, so before the
+    Tasks step builds the task strategies from task.Request) and declares the dead-letter
+    exchange and queues on every (re)connection (RabbitMQ only), with the workers' own user,
+    which declares their queues too."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        self.limit = int(c.app.conf.get(LIMIT_SETTING) or 0)
+        if self.limit > 0:
+            install_request(c.app)
+
+    def start(self, c):
+        if self.limit <= 0 or c.connection is None or c.connection.transport.driver_type != "amqp":
+            return
+        queues = c.app.amqp.queues
+        names = sorted(queues.consume_from or queues)
+        exchange, dead = dead_letter_entities(names)
+        with c.connection.channel() as channel:
+            exchange.bind(channel).declare()
+            for queue in dead:
+                queue.bind(channel).declare()

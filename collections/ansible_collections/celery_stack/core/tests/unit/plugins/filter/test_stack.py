@@ -379,3 +379,28 @@ def test_application_source(tmp_path):
         assert problem.startswith(f"celery_stack_app.source {missing!r} looks like a path"), problem
     [problem] = _problems(TABLE, app={"source": str(tmp_path / "gone"), "kind": "directory", "module": "x"})
     assert "no such directory" in problem
+
+
+def test_dead_letter_policies_one_per_routed_queue():
+    queues = [{"vhost": "celery", "name": "io", "queue_type": "classic"},
+              {"vhost": "celery", "name": "cpu.heavy", "queue_type": "quorum"}]
+    policies = stack.dead_letter_policies(queues, 20, 0)
+    assert policies == [
+        {"vhost": "celery", "name": "celery-stack-dead-letter-io", "pattern": "^io$", "priority": "0",
+         "tags": {"dead-letter-exchange": "celery-stack.dead-letter", "dead-letter-routing-key": "io"}},
+        {"vhost": "celery", "name": "celery-stack-dead-letter-cpu.heavy", "pattern": r"^cpu\.heavy$", "priority": "0",
+         "tags": {"dead-letter-exchange": "celery-stack.dead-letter", "dead-letter-routing-key": "cpu.heavy",
+                  "delivery-limit": 20}},
+    ]
+    # The pattern is the queue's exact name: never its dead-letter queue.
+    assert not re.search(policies[0]["pattern"], "io.dead-letter")
+    with pytest.raises(Exception, match="at least 1"):
+        stack.dead_letter_policies(queues, 0)
+
+
+def test_stale_dead_letter_policies():
+    wanted = stack.dead_letter_policies([{"vhost": "celery", "name": "io", "queue_type": "classic"}])
+    listing = [{"item": "celery", "stdout": json.dumps([
+        {"name": "celery-stack-dead-letter-io"}, {"name": "celery-stack-dead-letter-retired"}, {"name": "ops-own"}])}]
+    assert stack.stale_dead_letter_policies(listing, wanted) == [
+        {"vhost": "celery", "name": "celery-stack-dead-letter-retired"}]
