@@ -31,10 +31,10 @@ def test_events_connection_has_no_publisher_confirms_and_keeps_the_other_options
     assert app.connection_for_write().transport_options["confirm_publish"] is True
 
 
-def test_the_consumer_runs_the_watchdog_after_celerys_own_steps():
+def test_the_consumer_runs_celerys_own_steps_and_the_deployments():
     steps = worker.Consumer.Blueprint.default_steps
-    assert steps[-1] == "celery_stack_worker:Watchdog"
-    assert list(steps[:-1]) == list(worker.consumer.Consumer.Blueprint.default_steps)
+    assert steps[-2:] == ("celery_stack_worker:Watchdog", "celery_stack_worker:DeadLetters")
+    assert list(steps[:-2]) == list(worker.consumer.Consumer.Blueprint.default_steps)
     # the deployment's settings name this consumer for every worker pool
     config = (Path(worker.__file__).with_name("celery_stack_config.py")).read_text()
     assert '"worker_consumer": "celery_stack_worker:Consumer"' in config
