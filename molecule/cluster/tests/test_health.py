@@ -113,14 +113,14 @@ def _watchdog_seconds(host, instance):
 
 def test_a_blocked_worker_is_restarted_by_the_watchdog_and_the_busy_one_is_not():
     """cpu runs on worker1 only (routing table: hosts celery_cpu_workers): its prefork and its
-    threads worker each take tasks that hold the GIL for a minute. The threads worker's event loop
+    threads worker each take tasks that hold the GIL for 40 s. The threads worker's event loop
     stops with them; the prefork worker's children stop, its loop turns."""
     host = _host(WORKERS[0])
     before = _main_pids(host)
     watchdog = _watchdog_seconds(host, "cpu-threads")
     assert watchdog > 0
     since = "@" + host.check_output("date +%s")
-    hold = 60
+    hold = 40
     sender = f"""
 import time
 from celery_stack_app import app
