@@ -1,5 +1,6 @@
 """Demo tasks: the original note's ``run_add``, a crawl-and-store I/O task, a CPU-bound task,
-the fault suite's probe (``crawl_probe``) and a poison task (``cpu_poison``).
+the probes of the fault and load suites (``crawl_probe``, ``cpu_probe``) and a poison task
+(``cpu_poison``).
 
 Every task returns evidence of where it ran (the worker node name ``<queue>-<pool>@host``, the
 queue it was delivered from, the process id and thread name), so tests can prove that the
@@ -101,17 +102,33 @@ PROBE_DIR_ENV = "CELERY_STACK_DEMO_PROBE_DIR"
 DEFAULT_PROBE_DIR = "/var/lib/celery-stack"
 
 
-@app.task(bind=True)
-def crawl_probe(self, run, index, seconds):
-    """The fault suite's task (molecule/shared/faults): waits like a network call would, then
-    appends "<index> <worker> <unix time>" to probe-<run>.log on the worker host. One line per
-    COMPLETED execution, so a task that ran to the end twice shows twice, and one that never ran
-    does not show."""
-    time.sleep(float(seconds))
+def _log_completion(run, index, hostname):
     path = os.path.join(os.environ.get(PROBE_DIR_ENV, DEFAULT_PROBE_DIR), f"probe-{run}.log")
     # One short write() in append mode: lines of concurrent threads and processes never mix.
     with open(path, "a", encoding="utf-8") as log:
-        log.write(f"{int(index)} {self.request.hostname} {time.time():.3f}\n")
+        log.write(f"{int(index)} {hostname} {time.time():.3f}\n")
+
+
+@app.task(bind=True)
+def crawl_probe(self, run, index, seconds):
+    """The fault and load suites' I/O task (molecule/shared/faults): waits like a network call
+    would (``seconds`` 0: an instant task), then appends "<index> <worker> <unix time>" to
+    probe-<run>.log on the worker host. One line per COMPLETED execution, so a task that ran to
+    the end twice shows twice, and one that never ran does not show."""
+    time.sleep(float(seconds))
+    _log_completion(run, index, self.request.hostname)
+    return {"index": int(index), **_where(self.request)}
+
+
+@app.task(bind=True)
+def cpu_probe(self, run, index, seconds):
+    """The load suite's CPU-bound task: computes for ``seconds`` of this thread's CPU time (so
+    its cost is known: the pool's bound is concurrency / seconds while it has the cores), then
+    logs its completion like crawl_probe."""
+    end = time.thread_time() + float(seconds)
+    while time.thread_time() < end:
+        pass
+    _log_completion(run, index, self.request.hostname)
     return {"index": int(index), **_where(self.request)}
 
 
