@@ -1,6 +1,6 @@
 # One entry point for people and CI. Every target bootstraps what it needs (venv, Docker
 # engine, base images) itself; see molecule/shared/bootstrap.sh.
-.PHONY: up down status test lint bootstrap bench faults
+.PHONY: up down status test lint bootstrap bench faults load
 
 ## up: bring up the local container stack and run site.yml against it (left running)
 up:
@@ -39,3 +39,9 @@ faults:
 	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh up
 	. .venv/bin/activate && python molecule/shared/faults/faults.py -i inventories/local \
 	  -i $(REDIS_BROKER_STACK)=$(REDIS_BROKER_FAULTS)
+
+## load: the load suite on the running local stack (make up): bursts per queue and pool with
+## monitoring on and off and the health check at its defaults and the inventory's settings, then
+## a soak; one table row each (about 25 min). Options: make load LOAD_ARGS="--soak-seconds 60"
+load:
+	. .venv/bin/activate && python molecule/shared/faults/load.py -i inventories/local $(LOAD_ARGS)

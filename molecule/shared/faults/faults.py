@@ -99,8 +99,8 @@ class Stack:
         self.workers = groups["celery_workers"]
         producers = [h for h in groups.get("celery_producers", []) if h not in self.workers]
         self.producer = (producers or self.workers)[0]
-        hostvars = listing.get("_meta", {}).get("hostvars", {})
         stack_vars = listing.get("_meta", {}).get("hostvars", {}).get(self.producer, {})
+        self.stack_vars = stack_vars  # the inventory's variables (group all), as the producer sees them
         self.vhost = str(stack_vars.get("celery_stack_broker_vhost", "/"))
         self.queues = [queue["name"] for queue in stack_vars.get("celery_stack_queues", [])]
 
@@ -190,18 +190,18 @@ def _broker_node_down(stack):
     sh("docker", "kill", "--signal", "KILL", stack.brokers[-1])
 
 
-def _converge(stack, extra_vars):
+def converge(stack, extra_vars):
     sh(str(pathlib.Path(sys.executable).parent / "ansible-playbook"), str(REPO / "site.yml"),
        "-i", stack.inventory, "--limit", "celery_workers", "-e", json.dumps(extra_vars))
 
 
 def _rolling_deploy(stack):
     # A change of every worker's unit: each host's instances restart one at a time.
-    _converge(stack, {"celery_worker_log_level": "WARNING"})
+    converge(stack, {"celery_worker_log_level": "WARNING"})
 
 
 def _rolling_deploy_back(stack):
-    _converge(stack, {})
+    converge(stack, {})
 
 
 def _rabbitmq_upgrade(stack):
@@ -353,12 +353,12 @@ COLUMNS = (("setup", 18), ("fault", 20), ("sent", 6), ("refused", 8), ("complete
            ("never_ran", 10), ("dup", 4), ("outage", 7), ("stall", 6), ("client", 7), ("consumers", 12))
 
 
-def table(rows):
-    head = "| " + " | ".join(name.replace("_", " ").ljust(width) for name, width in COLUMNS) + " |"
-    rule = "|" + "|".join("-" * (width + 2) for _, width in COLUMNS) + "|"
+def table(rows, columns=COLUMNS):
+    head = "| " + " | ".join(name.replace("_", " ").ljust(width) for name, width in columns) + " |"
+    rule = "|" + "|".join("-" * (width + 2) for _, width in columns) + "|"
     lines = [head, rule]
     for row in rows:
-        lines.append("| " + " | ".join(str(row[name]).ljust(width) for name, width in COLUMNS) + " |")
+        lines.append("| " + " | ".join(str(row[name]).ljust(width) for name, width in columns) + " |")
     return "\n".join(lines)
 
 
