@@ -120,8 +120,8 @@ def client(stack, python, mode, spec):
 
 
 def journal_lines(host, unit, since, pattern):
-    return int(on(host, f"journalctl -q -o cat -u '{unit}' --since @{int(since)} | grep -c '{pattern}'",
-                  check=False).stdout.strip() or 0)
+    return on(host, f"journalctl -q -o cat -u '{unit}' --since @{int(since)} | grep '{pattern}'",
+              check=False).stdout.splitlines()
 
 
 def ran(stack, run):
@@ -179,9 +179,10 @@ def run_row(stack, args, name, spec, config, consumers):
         work = concurrency * consumers.get(queue, 0) / seconds if seconds else float("inf")
         bound = min(work, report["publish_rate"])
     latencies = [done[index] - sent[index] for index in done if index in sent]
-    unit_lines = [(journal_lines(host, "celery-worker-health.service", started, "^restarted "),
-                   journal_lines(host, "celery-worker@*", started, "^Started "),
-                   journal_lines(host, "celery-worker@*", started, "Watchdog timeout")) for host in stack.workers]
+    health, starts, watchdog = ([line for host in stack.workers for line in journal_lines(host, unit, started, pattern)]
+                                for unit, pattern in (("celery-worker-health.service", "^restarted "),
+                                                      ("celery-worker@*", "^Started "),
+                                                      ("celery-worker@*", "Watchdog timeout")))
     return {
         "setup": stack.name, "row": name, "pool": f"{queue} {pool}", "config": config["label"],
         "sent": len(sent), "refused": report["refused"], "completed": completed, "stuck": len(stuck),
@@ -190,8 +191,8 @@ def run_row(stack, args, name, spec, config, consumers):
         "pub_s": round(report["publish_rate"], 1), "proc_pub_s": round(report["producer_rate"], 1),
         "p50": round(percentile(latencies, 0.5), 2), "p99": round(percentile(latencies, 0.99), 2),
         "stall": round(longest_stall(sent.values(), done.values(), gave_up), 1),
-        "hc_restarts": sum(lines[0] for lines in unit_lines), "restarts": sum(lines[1] for lines in unit_lines),
-        "watchdog": sum(lines[2] for lines in unit_lines), "states": states["states"],
+        "hc_restarts": len(health), "restarts": len(starts), "journal": health + starts + watchdog,
+        "started": started, "gave_up": gave_up, "states": states["states"],
         "refused_errors": report["refused_errors"],
     }
 
