@@ -1,4 +1,4 @@
-"""The load suite, reduced for CI: issue 18's key row (2,000 instant tasks to io on the threads
+"""The load suite, reduced for CI: its key row (2,000 instant tasks to io on the threads
 workers at concurrency 32, monitoring on, as this scenario's inventory has it) and a small
 I/O-wait row, on the health check of the inventory (10 s, 2 failures). Nothing stuck, nothing
 lost, no restart of a busy worker by the health check or anything else.

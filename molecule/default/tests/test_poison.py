@@ -1,4 +1,4 @@
-"""Poison tasks neither loop nor vanish (issue 18), on the hosts of group celery_workers.
+"""Poison tasks neither loop nor vanish, on the hosts of group celery_workers.
 
 A task that kills its prefork child every time (celery_stack_demo.tasks.cpu_poison: SIGKILL, as
 an OOM kill does) runs at most celery_app_task_worker_lost_limit times, then its message is in

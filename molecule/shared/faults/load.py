@@ -7,10 +7,14 @@ prefork), with monitoring (task events) on or off and the health check at the ro
 or at the inventory's settings. Then the inventory's own configuration is put back and a soak
 sends I/O-wait tasks at a steady rate to it as deployed. Rows:
 
-  instant-2k   2,000 tasks that return at once, io on threads (the key row: issue 18)
+  instant-2k   2,000 tasks that return at once, io on threads (the key row: the deadlock of the
+               threads worker with events and publisher confirms, in Celery 5.7)
   instant-10k  10,000 of them
   iowait       2,000 tasks waiting 100 ms, io on threads
   cpu          400 tasks computing 50 ms of CPU each, cpu on prefork
+  iowait-drain, cpu-drain
+               the same, sent while the row's workers are stopped, then drained: the workers'
+               own rate, which the producers (sharing the machine's CPUs) do not slow down
   soak         --soak-rate tasks/s of 100 ms for --soak-seconds, on the inventory's configuration
 
 Tasks are sent from the producer host by load_client.py (several publishing processes: one is
@@ -21,7 +25,7 @@ the fault suite). Columns:
   stuck             tasks without a final state when the client gave up (--patience seconds
                     without a completion)
   lost              tasks that never ran (not in the probe logs)
-  tasks/s           completed / (last completion - first send)
+  tasks/s           completed / (last completion - first send; drain rows: - the workers' start)
   bound             what the row can reach at most: the pool's concurrency x instances / task
                     time, and never more than the producers' measured publish rate (instant
                     tasks: that rate); soak: the rate sent
@@ -64,6 +68,8 @@ ROWS = {
     "instant-10k": (IO, "threads", CRAWL, 0, 10000),
     "iowait": (IO, "threads", CRAWL, 0.1, 2000),
     "cpu": (CPU, "prefork", CPU_TASK, 0.05, 400),
+    "iowait-drain": (IO, "threads", CRAWL, 0.1, 2000),
+    "cpu-drain": (CPU, "prefork", CPU_TASK, 0.05, 400),
 }
 HEALTH_VARS = ("celery_worker_health_interval", "celery_worker_health_failures", "celery_worker_health_timeout")
 ROLE_DEFAULTS = yaml.safe_load((REPO / "roles" / "celery_worker" / "defaults" / "main.yml").read_text())
@@ -152,10 +158,21 @@ def run_row(stack, args, name, spec, config, consumers):
     run = f"load-{name}-{uuid.uuid4().hex[:8]}"
     for routed in stack.queues:  # every row starts from empty queues (a stuck row leaves messages)
         on(stack.brokers[0], f"rabbitmqctl -q purge_queue -p '{stack.vhost}' '{routed}'")
+    drain = name.endswith("-drain")
+    unit = f"celery-worker@{queue}-{pool}.service"
+    hosts = [host for host in stack.workers
+             if drain and on(host, f"systemctl is-active -q {unit}", check=False).returncode == 0]
     started = time.time()
+    for host in hosts:  # a drain row: the burst waits in the queue until the workers start
+        on(host, f"systemctl stop {unit}")
     report = client(stack, args.python, "send", {"run": run, "task": task, "seconds": seconds, "tasks": tasks,
                                                  "producers": 1 if rate else args.producers, "rate": rate})
     sent = {int(index): at for index, at in report["sent"].items()}
+    consuming = min(sent.values(), default=0)
+    for host in hosts:  # Type=notify: returns once the worker consumes
+        on(host, f"systemctl start {unit}")
+    if drain:
+        consuming = time.time()
     last, progress = time.time(), 0
     while progress < len(sent) and time.time() - last < args.patience:
         time.sleep(1)
@@ -170,14 +187,14 @@ def run_row(stack, args, name, spec, config, consumers):
         done[index] = min(at, done.get(index, at))
     stuck = [index for index in states["not_final"] if index in sent]
     completed = states["states"].get("SUCCESS", 0)
-    span = max(done.values(), default=0) - min(sent.values(), default=0)
+    span = max(done.values(), default=0) - consuming
     rate_done = completed / span if span > 0 else 0.0
     if rate:
         bound = rate
     else:
         concurrency = next(q for q in config["queues"] if q["name"] == queue)["pools"][pool].get("concurrency", 1)
         work = concurrency * consumers.get(queue, 0) / seconds if seconds else float("inf")
-        bound = min(work, report["publish_rate"])
+        bound = work if drain else min(work, report["publish_rate"])
     latencies = [done[index] - sent[index] for index in done if index in sent]
     health, starts, watchdog = ([line for host in stack.workers for line in journal_lines(host, unit, started, pattern)]
                                 for unit, pattern in (("celery-worker-health.service", "^restarted "),
@@ -191,7 +208,8 @@ def run_row(stack, args, name, spec, config, consumers):
         "pub_s": round(report["publish_rate"], 1), "proc_pub_s": round(report["producer_rate"], 1),
         "p50": round(percentile(latencies, 0.5), 2), "p99": round(percentile(latencies, 0.99), 2),
         "stall": round(longest_stall(sent.values(), done.values(), gave_up), 1),
-        "hc_restarts": len(health), "restarts": len(starts), "journal": health + starts + watchdog,
+        # the drain row's own start of its workers is no restart
+        "hc_restarts": len(health), "restarts": len(starts) - len(hosts), "journal": health + starts + watchdog,
         "started": started, "gave_up": gave_up, "states": states["states"],
         "refused_errors": report["refused_errors"],
     }
@@ -213,7 +231,7 @@ def parse_args():
     parser.add_argument("--producers", type=int, default=4, help="publishing processes of a burst (default 4)")
     parser.add_argument("--patience", type=float, default=150.0,
                         help="give up after this many seconds without a completion (default 150: longer than "
-                             "the hanging stop of a busy worker seen in issue 18, so a recovery shows as a stall)")
+                             "the hanging stop of a busy threads worker once seen, so a recovery shows as a stall)")
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="soak duration (default 600; 0: none)")
     parser.add_argument("--soak-rate", type=float, default=20.0, help="soak tasks/s (default 20)")
     parser.add_argument("--python", default="/opt/celery-stack/venv/bin/python",
