@@ -33,6 +33,8 @@ the fault suite). Columns:
   pub/s, proc pub/s the producers' publish rate in all, and that of one producer process
   p50, p99          latency send -> completion, seconds
   stall             the longest time without a completion while tasks were outstanding
+  loop late        how late the row's workers' event loop ran its timer at most (seconds; the
+                    watchdog acts after WatchdogSec / 2): since the worker started
   hc restarts       "restarted" lines of celery-worker-health.service during the row
   restarts          starts of any celery-worker@ unit during the row (a watchdog, a health
                     check or a crash restarting it)
@@ -149,6 +151,18 @@ def longest_stall(sends, dones, end):
     return max(longest, end - since) if outstanding > 0 else longest
 
 
+def loop_delay(stack, unit):
+    """The longest delay of the event loops of `unit`'s workers (their progress.json), or None."""
+    delays = []
+    for host in stack.workers:
+        out = on(host, f"cat /run/celery-worker/{unit}/progress.json", check=False).stdout
+        try:
+            delays.append(float(json.loads(out)["loop_delay"]))
+        except (ValueError, KeyError):
+            continue
+    return max(delays, default=None)
+
+
 def percentile(values, fraction):
     return sorted(values)[min(len(values) - 1, int(fraction * len(values)))] if values else 0.0
 
@@ -209,6 +223,7 @@ def run_row(stack, args, name, spec, config, consumers):
         "p50": round(percentile(latencies, 0.5), 2), "p99": round(percentile(latencies, 0.99), 2),
         "stall": round(longest_stall(sent.values(), done.values(), gave_up), 1),
         # the drain row's own start of its workers is no restart
+        "loop_late": loop_delay(stack, f"{queue}-{pool}"),
         "hc_restarts": len(health), "restarts": len(starts) - len(hosts), "journal": health + starts + watchdog,
         "started": started, "gave_up": gave_up, "states": states["states"],
         "refused_errors": report["refused_errors"],
@@ -217,7 +232,7 @@ def run_row(stack, args, name, spec, config, consumers):
 
 COLUMNS = (("row", 11), ("pool", 10), ("config", 17), ("sent", 5), ("completed", 9), ("stuck", 5), ("lost", 4),
            ("tasks_s", 7), ("bound", 6), ("ratio", 5), ("pub_s", 6), ("proc_pub_s", 10), ("p50", 5), ("p99", 5),
-           ("stall", 5), ("hc_restarts", 11), ("restarts", 8))
+           ("stall", 5), ("loop_late", 9), ("hc_restarts", 11), ("restarts", 8))
 
 
 def parse_args():
