@@ -33,7 +33,10 @@ the fault suite). Columns:
   pub/s, proc pub/s the producers' publish rate in all, and that of one producer process
   p50, p99          latency send -> completion, seconds
   stall             the longest time without a completion while tasks were outstanding
-  loop late        how late the row's workers' event loop ran its timer at most (seconds; the
+  main cpu          CPU of the row's worker main process while the row ran, in cores (the threads
+                    worker's whole process: near 1.0 it is bound by one core, its GIL, not by its
+                    concurrency; prefork: the parent only)
+  loop late         how late the row's workers' event loop ran its timer at most (seconds; the
                     watchdog acts after WatchdogSec / 2): since the worker started
   hc restarts       "restarted" lines of celery-worker-health.service during the row
   restarts          starts of any celery-worker@ unit during the row (a watchdog, a health
@@ -163,6 +166,18 @@ def loop_delay(stack, unit):
     return max(delays, default=None)
 
 
+def main_cpu(stack, unit):
+    """CPU seconds (user + system) of the main process of `unit` on each worker host: with the
+    threads pool, the whole worker (its threads run in that process)."""
+    seconds = {}
+    for host in stack.workers:
+        out = on(host, f"cat /proc/$(systemctl show -p MainPID --value {unit})/stat 2>/dev/null", check=False).stdout
+        fields = out.rsplit(")", 1)[-1].split()
+        if len(fields) > 12:
+            seconds[host] = (int(fields[11]) + int(fields[12])) / 100  # utime, stime in clock ticks
+    return seconds
+
+
 def percentile(values, fraction):
     return sorted(values)[min(len(values) - 1, int(fraction * len(values)))] if values else 0.0
 
@@ -187,6 +202,7 @@ def run_row(stack, args, name, spec, config, consumers):
         on(host, f"systemctl start {unit}")
     if drain:
         consuming = time.time()
+    cpu_before = main_cpu(stack, unit)
     last, progress = time.time(), 0
     while progress < len(sent) and time.time() - last < args.patience:
         time.sleep(1)
@@ -210,6 +226,8 @@ def run_row(stack, args, name, spec, config, consumers):
         work = concurrency * consumers.get(queue, 0) / seconds if seconds else float("inf")
         bound = work if drain else min(work, report["publish_rate"])
     latencies = [done[index] - sent[index] for index in done if index in sent]
+    cpu_after, busy = main_cpu(stack, unit), max(done.values(), default=consuming) - consuming
+    main_load = max((cpu_after[h] - cpu_before[h] for h in cpu_after if h in cpu_before), default=0.0)
     health, starts, watchdog = ([line for host in stack.workers for line in journal_lines(host, unit, started, pattern)]
                                 for unit, pattern in (("celery-worker-health.service", "^restarted "),
                                                       ("celery-worker@*", "^Started "),
@@ -221,7 +239,9 @@ def run_row(stack, args, name, spec, config, consumers):
         "tasks_s": round(rate_done, 1), "bound": round(bound, 1), "ratio": round(rate_done / bound, 2) if bound else 0,
         "pub_s": round(report["publish_rate"], 1), "proc_pub_s": round(report["producer_rate"], 1),
         "p50": round(percentile(latencies, 0.5), 2), "p99": round(percentile(latencies, 0.99), 2),
-        "stall": round(longest_stall(sent.values(), done.values(), gave_up), 1),
+        # a drain row's tasks wait for the workers on purpose: counted from their start
+        "stall": round(longest_stall([max(at, consuming) for at in sent.values()], done.values(), gave_up), 1),
+        "main_cpu": round(main_load / busy, 2) if busy > 0 else 0.0,
         # the drain row's own start of its workers is no restart
         "loop_late": loop_delay(stack, f"{queue}-{pool}"),
         "hc_restarts": len(health), "restarts": len(starts) - len(hosts), "journal": health + starts + watchdog,
@@ -232,7 +252,7 @@ def run_row(stack, args, name, spec, config, consumers):
 
 COLUMNS = (("row", 11), ("pool", 10), ("config", 17), ("sent", 5), ("completed", 9), ("stuck", 5), ("lost", 4),
            ("tasks_s", 7), ("bound", 6), ("ratio", 5), ("pub_s", 6), ("proc_pub_s", 10), ("p50", 5), ("p99", 5),
-           ("stall", 5), ("loop_late", 9), ("hc_restarts", 11), ("restarts", 8))
+           ("stall", 5), ("main_cpu", 8), ("loop_late", 9), ("hc_restarts", 11), ("restarts", 8))
 
 
 def parse_args():
