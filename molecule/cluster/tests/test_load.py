@@ -37,5 +37,6 @@ def test_a_burst_neither_strands_a_task_nor_restarts_a_busy_worker(tmp_path):
     for row in rows:
         assert row["config"].startswith("mon on"), row
         assert (row["stuck"], row["lost"], row["hc_restarts"], row["restarts"]) == (0, 0, 0, 0), row
-        assert row["completed"] == row["sent"] == {"instant-2k": 2000, "instant-10k": 10000, "iowait": IOWAIT_TASKS}[row["row"]], row
+        sizes = {"instant-2k": 2000, "instant-10k": 10000, "iowait": IOWAIT_TASKS}
+        assert row["completed"] == row["sent"] == sizes[row["row"]], row
     assert run.returncode == 0, run.stdout + run.stderr
