@@ -36,6 +36,7 @@ case "${1:-}" in
   Run site.yml again:     .venv/bin/ansible-playbook -i inventories/local site.yml
   Benchmark the pools:    make bench
   Fault suite:            make faults
+  Load suite:             make load
   Tear it down:           make down
 TXT
     fi ;;
