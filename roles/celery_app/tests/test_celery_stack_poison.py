@@ -73,10 +73,12 @@ def test_install_request_keeps_a_custom_request():
 
 
 def test_dead_letter_entities():
-    exchange, queues = worker.dead_letter_entities(["io", "cpu"])
+    exchange, queues = worker.dead_letter_entities({"io": "quorum", "cpu": "classic", "legacy": None})
     assert exchange.name == "celery-stack.dead-letter" and exchange.type == "direct"
+    # each of its routed queue's type: replicated where the queue is
     assert [(q.name, q.routing_key, q.queue_arguments) for q in queues] == [
-        ("io.dead-letter", "io", {"x-queue-type": "classic"}), ("cpu.dead-letter", "cpu", {"x-queue-type": "classic"})]
+        ("io.dead-letter", "io", {"x-queue-type": "quorum"}), ("cpu.dead-letter", "cpu", {"x-queue-type": "classic"}),
+        ("legacy.dead-letter", "legacy", {"x-queue-type": "classic"})]
 
 
 def _lost():

@@ -357,12 +357,16 @@ def install_request(app):
     return changed
 
 
-def dead_letter_entities(queue_names):
-    """The dead-letter exchange (direct) and, per routed queue, <queue>.dead-letter: classic,
-    durable, bound with the queue's name (the broker's policy sets that dead-letter routing key)."""
+def dead_letter_entities(queue_types):
+    """The dead-letter exchange (direct) and, per routed queue ({name: queue type}),
+    <queue>.dead-letter: durable, bound with the queue's name (the broker's policy sets that
+    dead-letter routing key), of the routed queue's type: in a cluster a quorum queue, replicated
+    like the queue it serves (a classic one lives on one node, and while that node is down it can
+    neither take dead letters nor be declared)."""
     exchange = Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True)
     return exchange, [Queue(dead_letter_queue(name), exchange, routing_key=name, durable=True,
-                            queue_arguments={"x-queue-type": "classic"}) for name in queue_names]
+                            queue_arguments={"x-queue-type": queue_type or "classic"})
+                      for name, queue_type in queue_types.items()]
 
 
 class DeadLetters(bootsteps.StartStopStep):
@@ -383,9 +387,15 @@ class DeadLetters(bootsteps.StartStopStep):
         if self.limit <= 0 or c.connection is None or c.connection.transport.driver_type != "amqp":
             return
         queues = c.app.amqp.queues
-        names = sorted(queues.consume_from or queues)
-        exchange, dead = dead_letter_entities(names)
-        with c.connection.channel() as channel:
-            exchange.bind(channel).declare()
-            for queue in dead:
-                queue.bind(channel).declare()
+        exchange, dead = dead_letter_entities({
+            name: (queues[name].queue_arguments or {}).get("x-queue-type")
+            for name in sorted(queues.consume_from or queues)})
+        # Never fatal: a worker that cannot declare them (a node down, a queue declared earlier
+        # with another type) still consumes; the next connection tries again.
+        try:
+            with c.connection.channel() as channel:
+                exchange.bind(channel).declare()
+                for queue in dead:
+                    queue.bind(channel).declare()
+        except c.connection_errors + c.channel_errors as error:
+            logger.warning("Could not declare the dead-letter queues %s: %r", [q.name for q in dead], error)
