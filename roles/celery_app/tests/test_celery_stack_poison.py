@@ -77,7 +77,8 @@ def test_dead_letter_entities():
     assert exchange.name == "celery-stack.dead-letter" and exchange.type == "direct"
     # each of its routed queue's type: replicated where the queue is
     assert [(q.name, q.routing_key, q.queue_arguments) for q in queues] == [
-        ("io.dead-letter", "io", {"x-queue-type": "quorum"}), ("cpu.dead-letter", "cpu", {"x-queue-type": "classic"}),
+        ("io.dead-letter", "io", {"x-queue-type": "quorum", "x-delivery-limit": worker.DEAD_LETTER_DELIVERY_LIMIT}),
+        ("cpu.dead-letter", "cpu", {"x-queue-type": "classic"}),
         ("legacy.dead-letter", "legacy", {"x-queue-type": "classic"})]
 
 

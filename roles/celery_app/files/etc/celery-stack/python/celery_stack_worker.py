@@ -357,15 +357,21 @@ def install_request(app):
     return changed
 
 
+# A quorum dead-letter queue's delivery limit: a listing of celery_stack_dead_letters puts every
+# message back, which counts as a delivery, and RabbitMQ 4 drops a message after 20 by default.
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+
+
 def dead_letter_entities(queue_types):
     """The dead-letter exchange (direct) and, per routed queue ({name: queue type}),
     <queue>.dead-letter: durable, bound with the queue's name (the broker's policy sets that
     dead-letter routing key), of the routed queue's type: in a cluster a quorum queue, replicated
     like the queue it serves (a classic one lives on one node, and while that node is down it can
-    neither take dead letters nor be declared)."""
+    neither take dead letters nor be declared), whose delivery limit no listing reaches."""
     exchange = Exchange(DEAD_LETTER_EXCHANGE, type="direct", durable=True)
     return exchange, [Queue(dead_letter_queue(name), exchange, routing_key=name, durable=True,
-                            queue_arguments={"x-queue-type": queue_type or "classic"})
+                            queue_arguments={"x-queue-type": "quorum", "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT}
+                            if queue_type == "quorum" else {"x-queue-type": "classic"})
                       for name, queue_type in queue_types.items()]
 
 
