@@ -23,14 +23,12 @@ import argparse
 import json
 import sys
 
+# The names the workers count and dead-letter with (celery_stack_worker.py, next to this file).
+from celery_stack_worker import BROKER_HEADERS, COPIED_PROPERTIES, DEAD_LETTER_SUFFIX, DEATHS_HEADER
 from kombu import Connection
 
-DEATHS_HEADER = "x-celery-stack-deaths"
-DEAD_LETTER_SUFFIX = ".dead-letter"
 # Set by RabbitMQ on delivery, or the workers' count: a replayed message starts afresh.
-DROPPED_HEADERS = (DEATHS_HEADER, "x-delivery-count", "x-acquired-count")
-COPIED_PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode", "expiration",
-                     "message_id", "timestamp", "type", "app_id")
+DROPPED_HEADERS = (DEATHS_HEADER, *BROKER_HEADERS)
 
 
 def summary(message):
