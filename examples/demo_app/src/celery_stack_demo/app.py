@@ -9,7 +9,7 @@ settings on top (stack-managed keys win, everything else stays as set here).
 
 from celery import Celery
 
-app = Celery("celery_stack_demo", include=["celery_stack_demo.tasks"])
+app = Celery("celery_stack_demo", include=["celery_stack_demo.tasks", "celery_stack_demo.features"])
 
 app.conf.update(
     task_serializer="json",

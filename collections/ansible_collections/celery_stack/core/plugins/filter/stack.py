@@ -9,8 +9,8 @@ decision is a plain function with unit tests (tests/unit/plugins/filter/test_sta
   each message naming the inventory variable;
 - ``quorum_queues``, ``routing_table``, ``celery_routing``, ``celery_settings``: queue types,
   routes, queue declarations and every other setting of the generated Celery config (the same on
-  workers and producers); ``queue_type_changes``: the queues whose type the broker holds
-  differently;
+  workers and producers); ``priority_problems``: a max_priority the queue cannot carry;
+  ``queue_type_changes``: the queues whose type or maximum priority the broker holds differently;
 - ``producer_permissions``: the RabbitMQ permissions of the producers' user (least privilege);
 - ``worker_instances``: the systemd worker instances (queue x pool) of one host, pool defaults
   filled in, placement (``hosts:``) applied; ``limit_problems``: the time limits of a worker host
@@ -72,7 +72,7 @@ def _pool_hosts(queue, pool, groups, index):
     return list(groups.get(WORKER_GROUP, []))
 
 
-def problems(queues, groups, default_queue="", app=None):
+def problems(queues, groups, default_queue="", app=None, broker="rabbitmq", quorum=None):
     """Rules across fields of the stack description, as messages naming the inventory variable.
 
     Run by the preflight (roles/celery_stack) after the argument spec has checked the types, so
@@ -156,6 +156,7 @@ def problems(queues, groups, default_queue="", app=None):
             else:
                 exact[pattern] = name
         earlier_globs.extend((p, name) for p in tasks if _is_glob(p))
+    found.extend(priority_problems(routing_table(queues or [], broker, quorum, groups.get(broker, [])), broker))
     if default_queue and default_queue not in names:
         found.append(f"celery_stack_default_queue {default_queue!r} is not a queue of celery_stack_queues: "
                      f"unrouted tasks would wait where no worker consumes (one of {names}, or empty)")
@@ -196,25 +197,67 @@ def quorum_queues(setting, brokers=()):
 
 
 def routing_table(queues, broker="rabbitmq", quorum=None, brokers=()):
-    """Per queue: name, task patterns, and the RabbitMQ queue type (None on a Redis broker): the
-    queue's own queue_type, else quorum_queues(quorum, brokers). The workers' config and the
-    broker's queue-type check both come from here, so they cannot disagree."""
+    """Per queue: name, task patterns, the RabbitMQ queue type (None on a Redis broker: the
+    queue's own queue_type, else quorum_queues(quorum, brokers)) and max_priority (None: no
+    priorities). The workers' config and the broker's queue check both come from here, so they
+    cannot disagree."""
     default_type = "quorum" if quorum_queues(quorum, brokers) else "classic"
     return [{"name": queue["name"], "tasks": list(queue.get("tasks") or []),
-             "queue_type": (queue.get("queue_type") or default_type) if broker == "rabbitmq" else None}
+             "queue_type": (queue.get("queue_type") or default_type) if broker == "rabbitmq" else None,
+             "max_priority": int(queue.get("max_priority") or 0) or None}
             for queue in queues]
 
 
-def queue_type_changes(wanted, listings):
-    """The routed queues that exist on the broker with another type than the table's.
+def priority_problems(table, broker="rabbitmq"):
+    """The routing table's max_priority where the queue cannot carry it, as messages naming the
+    variable. RabbitMQ declares x-max-priority on classic queues only (1 to 255; each level is a
+    sub-queue, so a few are plenty); quorum queues refuse the argument and have two levels of
+    their own (RabbitMQ 4: a priority above 4 is high); kombu's Redis transport has fixed
+    priority steps (0 to 9, 0 highest) and ignores the queue argument."""
+    found = []
+    for index, entry in enumerate(table):
+        if entry.get("max_priority") is None:
+            continue
+        where = f"celery_stack_queues[{index}] ({entry['name']}).max_priority"
+        if not 1 <= entry["max_priority"] <= 255:
+            found.append(f"{where} must be between 1 and 255, got {entry['max_priority']}")
+        elif broker != "rabbitmq":
+            found.append(f"{where}: the Redis broker has fixed priority steps (0 to 9, 0 highest) and no per-queue "
+                         "maximum; leave max_priority out")
+        elif entry["queue_type"] == "quorum":
+            found.append(f"{where}: {entry['name']} is a quorum queue, which cannot carry x-max-priority (RabbitMQ "
+                         "4 gives quorum queues two priority levels of their own: a priority of 5 or more is high); "
+                         "leave max_priority out, or set queue_type: classic on the queue")
+    return found
 
-    wanted: rabbitmq_stack_queues ({vhost, name, queue_type}); listings: the registered results of
-    `rabbitmqctl list_queues -p VHOST name type --formatter json`, one per vhost (item = vhost).
+
+def queue_type_changes(wanted, listings):
+    """The routed queues that exist on the broker with another type or maximum priority than the
+    table's: RabbitMQ refuses to redeclare a queue with other arguments (PRECONDITION_FAILED).
+
+    wanted: rabbitmq_stack_queues ({vhost, name, queue_type, max_priority}); listings: the
+    registered results of `rabbitmqctl list_queues -p VHOST name type arguments --formatter json`,
+    one per vhost (item = vhost). Each change: the queue with existing ("classic",
+    "max_priority 10", ...) and wanted, in the same words.
     """
-    existing = {(result["item"], queue["name"]): queue["type"]
-                for result in listings for queue in json.loads(result["stdout"] or "[]")}
-    return [dict(queue, existing=existing[(queue["vhost"], queue["name"])]) for queue in wanted
-            if existing.get((queue["vhost"], queue["name"]), queue["queue_type"]) != queue["queue_type"]]
+    def words(queue_type, max_priority):
+        return f"{queue_type}" + (f" with max_priority {max_priority}" if max_priority else "")
+
+    existing = {(result["item"], queue["name"]): queue for result in listings
+                for queue in json.loads(result["stdout"] or "[]")}
+    changes = []
+    for queue in wanted:
+        found = existing.get((queue["vhost"], queue["name"]))
+        if found is None:
+            continue
+        arguments = found.get("arguments") or {}
+        if isinstance(arguments, list):  # rabbitmqctl's JSON: [[name, type, value], ...]
+            arguments = {argument[0]: argument[-1] for argument in arguments}
+        have = words(found["type"], arguments.get("x-max-priority"))
+        want = words(queue["queue_type"], queue.get("max_priority"))
+        if have != want:
+            changes.append(dict(queue, existing=have, wanted=want))
+    return changes
 
 
 def celery_routing(table, default_queue=""):
@@ -225,7 +268,8 @@ def celery_routing(table, default_queue=""):
     return {
         "task_routes": [[pattern, entry["name"]] for entry in table for pattern in entry["tasks"]],
         "task_queues": [{"name": entry["name"], "exchange": entry["name"], "exchange_type": "topic",
-                         "routing_key": entry["name"], "queue_type": entry["queue_type"]} for entry in table],
+                         "routing_key": entry["name"], "queue_type": entry["queue_type"],
+                         "max_priority": entry.get("max_priority")} for entry in table],
         "task_default_queue": default,
         "task_default_exchange": default,
         "task_default_exchange_type": "topic",
@@ -265,8 +309,14 @@ REDIS_RESULT_CLIENT = {
 TASK_EVENTS = {"worker_send_task_events": True, "task_send_sent_event": True}
 
 
+# Revoke from producer hosts (celery_stack_worker.py, section "Revoke from producer hosts"): on
+# RabbitMQ the producers' control commands go to a mailbox of their own, <name>.pidbox, where the
+# workers accept revoke only, instead of Celery's celery.pidbox with every remote-control command.
+PRODUCER_CONTROL_EXCHANGE = "celery-stack-producers"
+
+
 def celery_settings(table, default_queue="", broker="rabbitmq", options=None, visibility_timeout=3600,
-                    result_backend="redis", monitoring=False):
+                    result_backend="redis", monitoring=False, producer=False):
     """The generated Celery settings, secrets aside (JSON-able): what celery_stack_config.apply()
     sets on every host, worker or producer, so both publish and consume with the same routes,
     queues and delivery guarantees.
@@ -278,6 +328,8 @@ def celery_settings(table, default_queue="", broker="rabbitmq", options=None, vi
       confirms a broker crash loses what it had accepted but not yet written (measured: 839 of
       1,000 queued tasks after a SIGKILL of the broker host, 0 with confirms). Routed queues
       that are quorum queues make the default queue type quorum too.
+      The producers' mailbox (PRODUCER_CONTROL_EXCHANGE): workers listen on it, a producer
+      (producer: true) sends its control commands (revoke) there.
     - Redis broker: the visibility timeout.
     - Results: RESULT_STORE_RETRIES; on Redis also REDIS_RESULT_CLIENT.
     - monitoring: TASK_EVENTS.
@@ -291,6 +343,9 @@ def celery_settings(table, default_queue="", broker="rabbitmq", options=None, vi
         settings["broker_transport_options"] = {"confirm_publish": True}
         if routing["quorum"]:
             settings["task_default_queue_type"] = "quorum"
+        settings["celery_stack_producer_control_exchange"] = PRODUCER_CONTROL_EXCHANGE
+        if producer:
+            settings["control_exchange"] = PRODUCER_CONTROL_EXCHANGE
     elif broker == "redis":
         settings["broker_transport_options"] = {"visibility_timeout": int(visibility_timeout)}
     if monitoring:
@@ -325,7 +380,11 @@ def producer_permissions(table, result_backend="redis", events=False):
       so an application that ignores the routing table and publishes to Celery's default queue
       `celery` is refused (ACCESS_REFUSED raised by .delay()) instead of creating a queue that no
       worker consumes, where its tasks would stay PENDING for ever;
-    - read: nothing, so a producer cannot consume (take) tasks.
+    - read: nothing, so a producer cannot consume (take) tasks;
+    - revoke(): configure and write on the producers' mailbox exchange
+      (PRODUCER_CONTROL_EXCHANGE.pidbox, declared before each command), where workers accept
+      revoke and nothing else. Other remote control (inspect, ping) needs a reply queue to read:
+      refused.
     With the rpc result backend the client declares and reads its own reply queue (a UUID). With
     task events on (monitoring), the producer publishes task-sent events to the celeryev exchange,
     which Celery declares before its first event on a connection (configure on that exchange
@@ -336,10 +395,12 @@ def producer_permissions(table, result_backend="redis", events=False):
         names.append("celeryev")
     if any(entry.get("queue_type") == "quorum" for entry in table):
         names.append("celery_delayed_[0-9]+")
+    mailbox = re.escape(f"{PRODUCER_CONTROL_EXCHANGE}.pidbox")
+    names.append(mailbox)
     replies = [UUID_QUEUE] if result_backend == "rpc" else []
-    declared = replies + (["celeryev"] if events else [])
-    return {"configure": f"^({'|'.join(declared)})$" if declared else "^$",
-            "write": f"^({'|'.join(names)})$" if names else "^$",
+    declared = replies + (["celeryev"] if events else []) + [mailbox]
+    return {"configure": f"^({'|'.join(declared)})$",
+            "write": f"^({'|'.join(names)})$",
             "read": f"^({'|'.join(replies)})$" if replies else "^$"}
 
 
@@ -537,7 +598,7 @@ def stale_dead_letter_policies(listings, wanted):
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
-            problems, app_kind, quorum_queues, routing_table, queue_type_changes, celery_routing, celery_settings,
+            problems, app_kind, quorum_queues, routing_table, priority_problems, queue_type_changes, celery_routing, celery_settings,
             visibility_timeout, producer_permissions, worker_instances, limit_problems,
             broker_url, redis_url, addresses, spread, host_values, rabbitmq_nodes, redis_broker_keys,
             dead_letter_policies, stale_dead_letter_policies)}

@@ -97,10 +97,11 @@ def _queue(entry, declare):
     # is always explicit on RabbitMQ: a queue declared without one gets the vhost's default type
     # (quorum on RabbitMQ 4.x), which Celery would not know about. Producer-only hosts never
     # declare (their broker user may not): the workers declare the queues, the producers publish.
+    # max_priority (x-max-priority) is declared by the workers and known to the producers alike.
     arguments = {"x-queue-type": entry["queue_type"]} if entry["queue_type"] else None
     exchange = Exchange(entry["exchange"], type=entry["exchange_type"], no_declare=not declare)
     return Queue(entry["name"], exchange, routing_key=entry["routing_key"], queue_arguments=arguments,
-                 no_declare=not declare)
+                 max_priority=entry.get("max_priority"), no_declare=not declare)
 
 
 def settings():

@@ -1,6 +1,6 @@
 # Managed by Ansible (role celery_app of celery-stack): local changes are overwritten.
 """What the deployment adds to a Celery worker (a unit runs with CELERY_POOL set, and
-celery_stack_config.POOL_SETTINGS names this module's Consumer as ``worker_consumer``): four
+celery_stack_config.POOL_SETTINGS names this module's Consumer as ``worker_consumer``): five
 things, each with its reason.
 
 1. Task events never wait for a publisher confirm (``Consumer.connection_for_write``).
@@ -26,8 +26,13 @@ things, each with its reason.
    how many tasks it has completed and how many it runs to $RUNTIME_DIRECTORY/progress.json. A
    worker that misses pings while its count goes up is busy, not dead, and is left alone.
 
-4. Poison tasks (``Request``, ``DeadLetters``: the section at the end): a message whose task has
-   killed its worker process N times goes to a dead-letter queue, its result records FAILURE.
+4. Poison tasks (``Request``, ``DeadLetters``: the section "Poison tasks"): a message whose task
+   has killed its worker process N times goes to a dead-letter queue, its result records FAILURE.
+
+5. Revoke from producer hosts (``ProducerControl``: the last section): a web app's "cancel"
+   (``AsyncResult.revoke()``) reaches the workers through a mailbox of its own that understands
+   ``revoke`` and nothing else, so the producers' broker user can cancel tasks but cannot shut
+   workers down or change their pools through Celery's full remote control.
 """
 
 import json
@@ -40,10 +45,10 @@ from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps, signals
 from celery.utils.log import get_logger
-from celery.worker import consumer, state
+from celery.worker import consumer, control, pidbox, state
 from celery.worker import request as celery_request
 from kombu import Exchange, Queue
-from kombu.utils.encoding import safe_repr
+from kombu.utils.encoding import safe_repr, safe_str
 
 # The events connection (see 1. above): every other transport option of the stack stays.
 EVENTS_TRANSPORT_OPTIONS = {"confirm_publish": False}
@@ -55,7 +60,7 @@ class Consumer(consumer.Consumer):
 
     class Blueprint(consumer.Consumer.Blueprint):
         default_steps = (*consumer.Consumer.Blueprint.default_steps, "celery_stack_worker:Watchdog",
-                         "celery_stack_worker:DeadLetters")
+                         "celery_stack_worker:DeadLetters", "celery_stack_worker:ProducerControl")
 
     def connection_for_write(self, url=None, heartbeat=None):
         # Celery calls this for the event dispatcher's connection only (consumer/events.py).
@@ -405,3 +410,60 @@ class DeadLetters(bootsteps.StartStopStep):
                     queue.bind(channel).declare()
         except c.connection_errors + c.channel_errors as error:
             logger.warning("Could not declare the dead-letter queues %s: %r", [q.name for q in dead], error)
+
+
+# ---------------------------------------------------------------------------------------------
+# Revoke from producer hosts
+# ---------------------------------------------------------------------------------------------
+# Celery's remote control is one mailbox (the fanout exchange celery.pidbox) for every command:
+# revoke, but also shutdown, pool_restart, rate_limit, add_consumer, ... RabbitMQ permissions
+# name exchanges, not commands, so write access to celery.pidbox would let a web host stop every
+# worker. The producers' settings send their control commands to another mailbox
+# (control_exchange = the setting below, so the exchange <name>.pidbox), on which their broker
+# user may declare and publish only; each worker listens there too, with this one command.
+
+# Where the settings module names the producers' mailbox (RabbitMQ brokers only).
+PRODUCER_CONTROL_SETTING = "celery_stack_producer_control_exchange"
+# The signals a producer's revoke(terminate=True) may send: ending the task, not pausing it.
+PRODUCER_SIGNALS = ("TERM", "KILL")
+
+
+def producer_revoke(state, task_id, terminate=False, signal=None, **kwargs):
+    """Celery's own revoke (the ids are remembered, a running task is terminated if asked and
+    the pool can: prefork only), with a signal that ends the task; other arguments are dropped."""
+    if signal is not None and str(signal).upper().removeprefix("SIG") not in PRODUCER_SIGNALS:
+        signal = None
+    return control.Panel.data["revoke"](state, task_id, terminate=bool(terminate), signal=signal)
+
+
+PRODUCER_COMMANDS = {"revoke": producer_revoke}
+
+
+class _ProducerBox(pidbox.Pidbox):
+    """Celery's worker mailbox (consumption, errors, reconnects), on the producers' exchange and
+    with PRODUCER_COMMANDS only."""
+
+    def __init__(self, c, exchange):
+        super().__init__(c)
+        conf = c.app.conf
+        mailbox = c.app.control.Mailbox(
+            exchange, type="fanout", accept=conf.accept_content, serializer=conf.task_serializer,
+            producer_pool=c.app.amqp.producer_pool, queue_ttl=conf.control_queue_ttl,
+            queue_expires=conf.control_queue_expires, queue_exclusive=conf.control_queue_exclusive,
+            queue_durable=conf.control_queue_durable)
+        self.node = mailbox.Node(safe_str(c.hostname), handlers=PRODUCER_COMMANDS, state=self.node.state)
+
+
+class ProducerControl(bootsteps.StartStopStep):
+    """A consumer step next to Celery's Control: the producers' mailbox."""
+
+    requires = ("celery.worker.consumer.control:Control",)
+
+    def include_if(self, c):
+        return bool(c.app.conf.get(PRODUCER_CONTROL_SETTING)) and c.app.conf.worker_enable_remote_control
+
+    def __init__(self, c, **kwargs):
+        super().__init__(c, **kwargs)
+        if self.include_if(c):
+            self.box = _ProducerBox(c, c.app.conf.get(PRODUCER_CONTROL_SETTING))
+            self.start, self.stop, self.shutdown = self.box.start, self.box.stop, self.box.shutdown
