@@ -1,6 +1,6 @@
 # One entry point for people and CI. Every target bootstraps what it needs (venv, Docker
 # engine, base images) itself; see molecule/shared/bootstrap.sh.
-.PHONY: up down status test lint bootstrap bench faults load
+.PHONY: up down status test lint bootstrap bench faults load features
 
 ## up: bring up the local container stack and run site.yml against it (left running)
 up:
@@ -45,3 +45,12 @@ faults:
 ## a soak; one table row each (about 25 min). Options: make load LOAD_ARGS="--soak-seconds 60"
 load:
 	. .venv/bin/activate && python molecule/shared/faults/load.py -i inventories/local $(LOAD_ARGS)
+
+## features: the feature suite on the running local stack (make up): Celery's canvas, control and
+## result features sent from the web host, with Redis results, then with rpc results, then on
+## the original note's Redis-broker stack (brought up as for make faults); one table row each
+features:
+	. .venv/bin/activate && python molecule/shared/faults/features.py -i inventories/local
+	. .venv/bin/activate && python molecule/shared/faults/features.py -i inventories/local --result-backend rpc
+	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh up
+	. .venv/bin/activate && python molecule/shared/faults/features.py -i $(REDIS_BROKER_STACK)

@@ -125,7 +125,8 @@ def test_extra_settings_win(deployed, monkeypatch):
 def test_every_generated_setting_is_one_celery_knows(deployed, monkeypatch):
     """A misspelt setting would be stored and silently ignored by Celery. Known: declared in
     Celery's defaults, or read by name by its Redis result backend (which reads some, such as
-    redis_backend_health_check_interval, without declaring them)."""
+    redis_backend_health_check_interval, without declaring them), or the deployment's own
+    (celery_stack_*), read by name by celery_stack_worker."""
     from celery.app.defaults import NAMESPACES, flatten
 
     redis_backend = (Path(importlib.util.find_spec("celery").origin).parent / "backends" / "redis.py").read_text()
@@ -135,6 +136,8 @@ def test_every_generated_setting_is_one_celery_knows(deployed, monkeypatch):
     monkeypatch.setenv("CELERY_STACK_RESULT_BACKEND", "redis://r:s@redis1:6379/0")
     monkeypatch.setenv("CELERY_POOL", "threads")
     config = deployed()
+    worker = (Path(__file__).parents[1] / "files/etc/celery-stack/python/celery_stack_worker.py").read_text()
+    known |= set(re.findall(r'"(celery_stack_\w+)"', worker))
     assert set(config.settings()) - known == set()
     assert config.settings()["result_backend_always_retry"] is True
     assert config.settings()["redis_backend_health_check_interval"] > 0

@@ -33,8 +33,9 @@ def test_events_connection_has_no_publisher_confirms_and_keeps_the_other_options
 
 def test_the_consumer_runs_celerys_own_steps_and_the_deployments():
     steps = worker.Consumer.Blueprint.default_steps
-    assert steps[-2:] == ("celery_stack_worker:Watchdog", "celery_stack_worker:DeadLetters")
-    assert list(steps[:-2]) == list(worker.consumer.Consumer.Blueprint.default_steps)
+    assert steps[-3:] == ("celery_stack_worker:Watchdog", "celery_stack_worker:DeadLetters",
+                          "celery_stack_worker:ProducerControl")
+    assert list(steps[:-3]) == list(worker.consumer.Consumer.Blueprint.default_steps)
     # the deployment's settings name this consumer for every worker pool
     config = (Path(worker.__file__).with_name("celery_stack_config.py")).read_text()
     assert '"worker_consumer": "celery_stack_worker:Consumer"' in config
@@ -144,3 +145,44 @@ def test_without_a_watchdog_the_step_only_writes_progress(monkeypatch, tmp_path)
     written = worker.write_progress(str(tmp_path))
     assert json.loads(Path(written).read_text())["active"] == len(state.active_requests)
     assert not (tmp_path / "progress.json.partial").exists()
+
+
+# --- revoke from producer hosts ----------------------------------------------------------------
+
+@pytest.fixture
+def producer_box():
+    app = Celery("t", broker="memory://")
+    app.conf.celery_stack_producer_control_exchange = "celery-stack-producers"
+    controller = type("Controller", (), {"use_eventloop": False})()
+    consumer = type("Consumer", (), {"app": app, "hostname": "io-threads@w1", "controller": controller})()
+    yield worker._ProducerBox(consumer, "celery-stack-producers")
+    state.revoked.clear()
+
+
+def test_the_producers_mailbox_is_its_own_exchange_and_accepts_revoke_only(producer_box):
+    assert producer_box.node.mailbox.exchange.name == "celery-stack-producers.pidbox"
+    assert producer_box.node.handlers == {"revoke": worker.producer_revoke}
+    producer_box.node.dispatch("revoke", {"task_id": "t-1"})
+    assert "t-1" in state.revoked
+    # Celery's other remote control (shutdown, pool_restart, rate_limit, ...) is not there
+    reply = producer_box.node.dispatch("shutdown", {}, reply_to=None)
+    assert reply == {"error": "KeyError('shutdown')"}
+
+
+@pytest.mark.parametrize("signal, passed", [(None, None), ("TERM", "TERM"), ("SIGKILL", "SIGKILL"),
+                                            ("STOP", None), ("SIGHUP", None)])
+def test_a_producers_revoke_may_only_end_a_task(monkeypatch, signal, passed):
+    calls = []
+    monkeypatch.setitem(worker.control.Panel.data, "revoke", lambda state, task_id, **kw: calls.append(kw))
+    worker.producer_revoke(None, "t-1", terminate=1, signal=signal, extra="dropped")
+    assert calls == [{"terminate": True, "signal": passed}]
+
+
+def test_the_producers_mailbox_runs_only_where_remote_control_is_on():
+    app = Celery("t", broker="memory://")
+    consumer = type("Consumer", (), {"app": app})()
+    assert not worker.ProducerControl.include_if(None, consumer)
+    app.conf.celery_stack_producer_control_exchange = "celery-stack-producers"
+    assert worker.ProducerControl.include_if(None, consumer)
+    app.conf.worker_enable_remote_control = False
+    assert not worker.ProducerControl.include_if(None, consumer)

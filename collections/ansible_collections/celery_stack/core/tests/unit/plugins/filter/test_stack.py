@@ -55,12 +55,40 @@ def test_quorum_queues(setting, brokers, expected):
 def test_routing_table_types_each_queue_quorum_or_classic():
     table = stack.routing_table(TABLE, "rabbitmq", None, ["mq1", "mq2"])
     assert table == [
-        {"name": "io", "tasks": ["app.tasks.crawl*"], "queue_type": "quorum"},
+        {"name": "io", "tasks": ["app.tasks.crawl*"], "queue_type": "quorum", "max_priority": None},
         # the queue's own queue_type wins over the stack's decision
-        {"name": "cpu", "tasks": ["app.tasks.parse", "app.tasks.cpu_*"], "queue_type": "classic"},
+        {"name": "cpu", "tasks": ["app.tasks.parse", "app.tasks.cpu_*"], "queue_type": "classic",
+         "max_priority": None},
     ]
     assert [q["queue_type"] for q in stack.routing_table(TABLE, "rabbitmq", None, ["mq1"])] == ["classic", "classic"]
     assert [q["queue_type"] for q in stack.routing_table(TABLE, "redis", True, [])] == [None, None]
+
+
+@pytest.mark.parametrize("max_priority, expected", [(None, None), (0, None), ("0", None), (10, 10), ("5", 5)])
+def test_routing_table_max_priority_zero_or_unset_means_none(max_priority, expected):
+    table = stack.routing_table([{"name": "io", "max_priority": max_priority}])
+    assert table[0]["max_priority"] == expected
+
+
+def test_priority_problems_name_the_queue_and_the_reason():
+    classic = stack.routing_table([{"name": "io", "max_priority": 10}, {"name": "cpu"}], "rabbitmq", False)
+    assert stack.priority_problems(classic) == []
+    assert stack.priority_problems(stack.routing_table([{"name": "io", "max_priority": 256}])) == [
+        "celery_stack_queues[0] (io).max_priority must be between 1 and 255, got 256"]
+    quorum = stack.priority_problems(stack.routing_table([{"name": "cpu"}, {"name": "io", "max_priority": 5}],
+                                                         "rabbitmq", True, ["mq1", "mq2", "mq3"]))
+    assert len(quorum) == 1 and quorum[0].startswith("celery_stack_queues[1] (io).max_priority: io is a quorum")
+    # a classic queue of its own in a quorum stack may carry priorities
+    assert stack.priority_problems(stack.routing_table(
+        [{"name": "io", "max_priority": 5, "queue_type": "classic"}], "rabbitmq", True, ["mq1", "mq2"])) == []
+    redis = stack.priority_problems(stack.routing_table([{"name": "io", "max_priority": 5}], "redis"), "redis")
+    assert len(redis) == 1 and "Redis broker has fixed priority steps" in redis[0]
+
+
+def test_problems_include_the_priority_rules():
+    queues = [{"name": "io", "tasks": ["app.io"], "max_priority": 300}]
+    assert any("max_priority must be between 1 and 255" in m for m in stack.problems(queues, GROUPS))
+    assert stack.problems([{"name": "io", "tasks": ["app.io"], "max_priority": 3}], GROUPS, broker="redis") != []
 
 
 def test_celery_routing():
@@ -68,11 +96,13 @@ def test_celery_routing():
     assert routing["task_routes"] == [["app.tasks.crawl*", "io"], ["app.tasks.parse", "cpu"],
                                       ["app.tasks.cpu_*", "cpu"]]
     assert routing["task_queues"][0] == {"name": "io", "exchange": "io", "exchange_type": "topic",
-                                         "routing_key": "io", "queue_type": "quorum"}
+                                         "routing_key": "io", "queue_type": "quorum", "max_priority": None}
     # the default queue: the first of the table unless the stack names one
     assert routing["task_default_queue"] == routing["task_default_routing_key"] == "io"
     assert stack.celery_routing(stack.routing_table(TABLE), "cpu")["task_default_exchange"] == "cpu"
     assert routing["quorum"] is True
+    prioritised = stack.celery_routing(stack.routing_table([{"name": "io", "max_priority": 10}]))
+    assert prioritised["task_queues"][0]["max_priority"] == 10
     assert stack.celery_routing(stack.routing_table(TABLE, "rabbitmq", False))["quorum"] is False
 
 
@@ -133,10 +163,16 @@ def test_visibility_timeout():
 def test_producer_permissions_publish_only():
     table = stack.routing_table(TABLE, "rabbitmq", False)
     permissions = stack.producer_permissions(table)
-    assert permissions == {"configure": "^$", "write": "^(io|cpu)$", "read": "^$"}
-    write = re.compile(permissions["write"])
+    mailbox = r"celery\-stack\-producers\.pidbox"
+    assert permissions == {"configure": f"^({mailbox})$", "write": f"^(io|cpu|{mailbox})$", "read": "^$"}
+    write, configure = re.compile(permissions["write"]), re.compile(permissions["configure"])
     assert write.match("io") and write.match("cpu")
     assert not write.match("celery") and not write.match("iox") and not write.match("amq.default")
+    # revoke(): the producers' own mailbox, never Celery's celery.pidbox (shutdown, pool_restart, ...)
+    for allowed in (write, configure):
+        assert allowed.match("celery-stack-producers.pidbox")
+        assert not allowed.match("celery.pidbox") and not allowed.match("celery-stack-producersXpidbox")
+    assert not configure.match("io")
 
 
 def test_producer_permissions_quorum_and_rpc():
@@ -146,7 +182,9 @@ def test_producer_permissions_quorum_and_rpc():
     assert write.match("a.b") and write.match("celery_delayed_27") and not write.match("aXb")
     reply = re.compile(permissions["read"])
     assert reply.match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11") and not reply.match("io")
-    assert permissions["configure"] == permissions["read"]
+    assert reply.match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11")
+    assert re.compile(permissions["configure"]).match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11")
+    assert not reply.match("celery-stack-producers.pidbox")  # a producer publishes revoke, reads no reply
 
 
 def test_producer_permissions_task_sent_events():
@@ -171,8 +209,22 @@ def test_queue_type_changes():
                                                          {"name": "cpu", "type": "classic"},
                                                          {"name": "other", "type": "quorum"}])}]
     assert stack.queue_type_changes(wanted, listings) == [
-        {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "classic"}]
+        {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "classic", "wanted": "quorum"}]
     assert stack.queue_type_changes(wanted, [{"item": "celery", "stdout": ""}]) == []
+
+
+def test_queue_type_changes_compare_the_maximum_priority():
+    # rabbitmqctl's JSON lists a queue's arguments as [name, type, value] triples
+    listings = [{"item": "celery", "stdout": json.dumps([
+        {"name": "io", "type": "classic", "arguments": []},
+        {"name": "cpu", "type": "classic", "arguments": [["x-max-priority", "signedint", 10]]},
+        {"name": "dl", "type": "classic", "arguments": [["x-max-priority", "signedint", 3]]}])}]
+    wanted = [{"vhost": "celery", "name": "io", "queue_type": "classic", "max_priority": 10},
+              {"vhost": "celery", "name": "cpu", "queue_type": "classic", "max_priority": None},
+              {"vhost": "celery", "name": "dl", "queue_type": "classic", "max_priority": 3}]
+    changes = stack.queue_type_changes(wanted, listings)
+    assert [(c["name"], c["existing"], c["wanted"]) for c in changes] == [
+        ("io", "classic", "classic with max_priority 10"), ("cpu", "classic with max_priority 10", "classic")]
 
 
 # --- worker instances ----------------------------------------------------------------------------
