@@ -53,4 +53,4 @@ features:
 	. .venv/bin/activate && python molecule/shared/faults/features.py -i inventories/local
 	. .venv/bin/activate && python molecule/shared/faults/features.py -i inventories/local --result-backend rpc
 	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh up
-	. .venv/bin/activate && python molecule/shared/faults/features.py -i $(REDIS_BROKER_STACK)
+	. .venv/bin/activate && python molecule/shared/faults/features.py -i $(REDIS_BROKER_STACK) --queue io

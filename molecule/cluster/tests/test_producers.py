@@ -133,6 +133,7 @@ def test_every_routed_task_runs_on_its_queue_and_pool(host, page):
 # What the producers' user may not do, each tried on its own connection.
 REFUSALS = r"""
 import json
+import amqp
 import amqp.exceptions
 from kombu import Connection
 import celery_stack_config
@@ -144,6 +145,10 @@ tries = {
     "declare a queue": (url, lambda channel: channel.queue_declare("celery", durable=True)),
     "declare an exchange": (url, lambda channel: channel.exchange_declare("io", "direct", durable=True)),
     "configure another vhost": (other_vhost, lambda channel: channel.queue_declare("x", durable=True)),
+    # Celery's own control mailbox (shutdown, pool_restart, ...): revoke goes to the producers' own
+    "declare Celery's control mailbox": (url, lambda channel: channel.exchange_declare("celery.pidbox", "fanout")),
+    "publish to Celery's control mailbox": (url, lambda channel: (channel.confirm_select(), channel.basic_publish_confirm(
+        amqp.Message(b"{}"), exchange="celery.pidbox"))),
 }
 out = {}
 for name, (target, action) in tries.items():

@@ -3,7 +3,9 @@
 the web app's account through the deployed stack (features_client.py runs there), one table row
 each: ok, by design (refused or limited on purpose, with the reason), n/a (another backend's
 code path) or FAIL. Across the suite, no worker may restart (a producer's shutdown broadcast
-must not reach them): their MainPIDs are compared before and after.
+must not reach them): their MainPIDs are compared before and after. And Redis may refuse none of
+the deployment's users a command, key or channel (its ACL LOG is read after the suite): the ACL
+presets must cover every code path the rows take, Lua scripts included.
 
   python molecule/shared/faults/features.py -i inventories/local [--rows chain,chord]
       [--sizes chord_large=200] [--result-backend rpc] [--json FILE]
@@ -15,6 +17,7 @@ Container stacks only (it reaches the hosts with docker). Exits non-zero when a 
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -37,6 +40,30 @@ def worker_pids(stack):
     return pids
 
 
+def redis_cli(stack, *args):
+    """redis-cli as the Redis admin user on the stack's Redis host; the password travels in the
+    environment (docker exec -e NAME passes the controller's value), not on a command line."""
+    os.environ["REDISCLI_AUTH"] = str(stack.stack_vars["redis_admin_password"])
+    user = str(stack.stack_vars.get("redis_admin_user", "admin"))
+    return sh("docker", "exec", "-e", "REDISCLI_AUTH", stack.redis[0], "redis-cli", "--no-auth-warning",
+              "--user", user, *args).stdout
+
+
+def acl_denials(stack):
+    """The ACL LOG's refusals ({username, reason, object}), newest first; redis-cli prints each
+    entry as alternating field and value lines."""
+    lines = redis_cli(stack, "ACL", "LOG", "128").splitlines()
+    denials, entry = [], {}
+    for field, value in zip(lines[0::2], lines[1::2]):
+        if field == "count" and entry:
+            denials.append(entry)
+            entry = {}
+        entry[field] = value
+    if entry:
+        denials.append(entry)
+    return [{k: d.get(k) for k in ("username", "reason", "object")} for d in denials]
+
+
 def site(stack, extra_vars):
     print(f"- site.yml {json.dumps(extra_vars)} ...", flush=True)
     started = time.time()
@@ -51,6 +78,8 @@ def run_suite(stack, args):
     spec = {"rows": [r for r in args.rows.split(",") if r], "queue": args.queue,
             "sizes": {k: int(v) for k, v in (item.split("=") for item in args.sizes.split(",") if item)}}
     before = worker_pids(stack)
+    if stack.redis:
+        redis_cli(stack, "ACL", "LOG", "RESET")
     # -u: rows print as they finish; runuser: as the app's account, which reads the settings.
     client = sh("docker", "exec", stack.producer, "runuser", "-u", user, "--", args.python, "-u", CLIENT_ON_HOST,
                 json.dumps(spec), check=False)
@@ -62,7 +91,8 @@ def run_suite(stack, args):
     for row in rows:
         if row["row"] == "control-shutdown" and restarted and row["status"] == "ok":
             row.update(status="FAIL", detail=f"workers restarted during the suite: {restarted}")
-    return rows, restarted
+    denials = acl_denials(stack) if stack.redis else []
+    return rows, restarted, denials
 
 
 def parse_args():
@@ -83,7 +113,7 @@ def main():
     if args.result_backend == "rpc":
         site(stack, {"celery_stack_result_backend": "rpc"})
     try:
-        rows, restarted = run_suite(stack, args)
+        rows, restarted, denials = run_suite(stack, args)
     finally:
         if args.result_backend == "rpc":
             site(stack, {})
@@ -92,9 +122,11 @@ def main():
     print(f"\n{stack.inventory}: broker {broker}, results {backend}, sent from {stack.producer}")
     print(table(rows, COLUMNS))
     print(f"worker restarts during the suite: {len(restarted)} {restarted if restarted else ''}")
+    print(f"Redis ACL refusals during the suite: {len(denials)} {denials[:5] if denials else ''}")
     if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "restarted": restarted}, indent=1))
-    return 1 if any(row["status"] == "FAIL" for row in rows) or restarted else 0
+        pathlib.Path(args.json).write_text(json.dumps({"rows": rows, "restarted": restarted, "acl_denials": denials},
+                                                      indent=1))
+    return 1 if any(row["status"] == "FAIL" for row in rows) or restarted or denials else 0
 
 
 if __name__ == "__main__":
