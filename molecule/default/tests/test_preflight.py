@@ -73,6 +73,13 @@ CASES = {
     "a Redis visibility timeout shorter than a task": (
         {"celery_stack_broker": "redis", "celery_app_redis_visibility_timeout": 600},
         "celery_app_redis_visibility_timeout (600 s) must be longer than the time_limit of io-prefork"),
+    # priorities where the queue cannot carry them (celery_stack.core.priority_problems)
+    "a maximum priority on a quorum queue": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "queue_type": "quorum", "max_priority": 5}]},
+        "celery_stack_queues[0] (io).max_priority: io is a quorum queue"),
+    "a maximum priority on the Redis broker": (
+        {"celery_stack_broker": "redis", "celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "max_priority": 5}]},
+        "celery_stack_queues[0] (io).max_priority: the Redis broker has fixed priority steps"),
     # role settings keep their own checks
     "an Erlang version without its epoch": ({"rabbitmq_erlang_version": "27.*"}, "rabbitmq_erlang_version"),
     "an evicting Redis with a broker user": ({"redis_maxmemory_policy": "allkeys-lru"}, "redis_maxmemory_policy"),

@@ -237,11 +237,11 @@ def queue_type_changes(wanted, listings):
 
     wanted: rabbitmq_stack_queues ({vhost, name, queue_type, max_priority}); listings: the
     registered results of `rabbitmqctl list_queues -p VHOST name type arguments --formatter json`,
-    one per vhost (item = vhost). Each change: the queue with existing ("classic",
-    "max_priority 10", ...) and wanted, in the same words.
+    one per vhost (item = vhost). Each change: the queue with existing and wanted, in the same
+    words ("a classic queue", "a classic queue with max_priority 10", "a quorum queue").
     """
     def words(queue_type, max_priority):
-        return f"{queue_type}" + (f" with max_priority {max_priority}" if max_priority else "")
+        return f"a {queue_type} queue" + (f" with max_priority {max_priority}" if max_priority else "")
 
     existing = {(result["item"], queue["name"]): queue for result in listings
                 for queue in json.loads(result["stdout"] or "[]")}

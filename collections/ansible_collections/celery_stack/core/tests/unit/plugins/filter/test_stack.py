@@ -209,7 +209,8 @@ def test_queue_type_changes():
                                                          {"name": "cpu", "type": "classic"},
                                                          {"name": "other", "type": "quorum"}])}]
     assert stack.queue_type_changes(wanted, listings) == [
-        {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "classic", "wanted": "quorum"}]
+        {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "a classic queue",
+         "wanted": "a quorum queue"}]
     assert stack.queue_type_changes(wanted, [{"item": "celery", "stdout": ""}]) == []
 
 
@@ -224,7 +225,8 @@ def test_queue_type_changes_compare_the_maximum_priority():
               {"vhost": "celery", "name": "dl", "queue_type": "classic", "max_priority": 3}]
     changes = stack.queue_type_changes(wanted, listings)
     assert [(c["name"], c["existing"], c["wanted"]) for c in changes] == [
-        ("io", "classic", "classic with max_priority 10"), ("cpu", "classic with max_priority 10", "classic")]
+        ("io", "a classic queue", "a classic queue with max_priority 10"),
+        ("cpu", "a classic queue with max_priority 10", "a classic queue")]
 
 
 # --- worker instances ----------------------------------------------------------------------------
