@@ -131,6 +131,8 @@ def test_every_generated_setting_is_one_celery_knows(deployed, monkeypatch):
     redis_backend = (Path(importlib.util.find_spec("celery").origin).parent / "backends" / "redis.py").read_text()
     known = {name for name, _ in flatten(NAMESPACES)}
     known |= set(re.findall(r"_get\('(\w+)'\)", redis_backend))
+    # the deployment's own, read by name by celery_stack_worker (ProducerControl)
+    known |= {"celery_stack_producer_control_exchange"}
     monkeypatch.setenv("CELERY_STACK_BROKER_URL", "amqp://u:p@mq1:5672/celery")
     monkeypatch.setenv("CELERY_STACK_RESULT_BACKEND", "redis://r:s@redis1:6379/0")
     monkeypatch.setenv("CELERY_POOL", "threads")

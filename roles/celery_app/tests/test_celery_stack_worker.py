@@ -33,8 +33,9 @@ def test_events_connection_has_no_publisher_confirms_and_keeps_the_other_options
 
 def test_the_consumer_runs_celerys_own_steps_and_the_deployments():
     steps = worker.Consumer.Blueprint.default_steps
-    assert steps[-2:] == ("celery_stack_worker:Watchdog", "celery_stack_worker:DeadLetters")
-    assert list(steps[:-2]) == list(worker.consumer.Consumer.Blueprint.default_steps)
+    assert steps[-3:] == ("celery_stack_worker:Watchdog", "celery_stack_worker:DeadLetters",
+                          "celery_stack_worker:ProducerControl")
+    assert list(steps[:-3]) == list(worker.consumer.Consumer.Blueprint.default_steps)
     # the deployment's settings name this consumer for every worker pool
     config = (Path(worker.__file__).with_name("celery_stack_config.py")).read_text()
     assert '"worker_consumer": "celery_stack_worker:Consumer"' in config

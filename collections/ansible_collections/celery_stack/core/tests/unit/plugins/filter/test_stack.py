@@ -55,9 +55,10 @@ def test_quorum_queues(setting, brokers, expected):
 def test_routing_table_types_each_queue_quorum_or_classic():
     table = stack.routing_table(TABLE, "rabbitmq", None, ["mq1", "mq2"])
     assert table == [
-        {"name": "io", "tasks": ["app.tasks.crawl*"], "queue_type": "quorum"},
+        {"name": "io", "tasks": ["app.tasks.crawl*"], "queue_type": "quorum", "max_priority": None},
         # the queue's own queue_type wins over the stack's decision
-        {"name": "cpu", "tasks": ["app.tasks.parse", "app.tasks.cpu_*"], "queue_type": "classic"},
+        {"name": "cpu", "tasks": ["app.tasks.parse", "app.tasks.cpu_*"], "queue_type": "classic",
+         "max_priority": None},
     ]
     assert [q["queue_type"] for q in stack.routing_table(TABLE, "rabbitmq", None, ["mq1"])] == ["classic", "classic"]
     assert [q["queue_type"] for q in stack.routing_table(TABLE, "redis", True, [])] == [None, None]
@@ -68,7 +69,7 @@ def test_celery_routing():
     assert routing["task_routes"] == [["app.tasks.crawl*", "io"], ["app.tasks.parse", "cpu"],
                                       ["app.tasks.cpu_*", "cpu"]]
     assert routing["task_queues"][0] == {"name": "io", "exchange": "io", "exchange_type": "topic",
-                                         "routing_key": "io", "queue_type": "quorum"}
+                                         "routing_key": "io", "queue_type": "quorum", "max_priority": None}
     # the default queue: the first of the table unless the stack names one
     assert routing["task_default_queue"] == routing["task_default_routing_key"] == "io"
     assert stack.celery_routing(stack.routing_table(TABLE), "cpu")["task_default_exchange"] == "cpu"
@@ -133,10 +134,13 @@ def test_visibility_timeout():
 def test_producer_permissions_publish_only():
     table = stack.routing_table(TABLE, "rabbitmq", False)
     permissions = stack.producer_permissions(table)
-    assert permissions == {"configure": "^$", "write": "^(io|cpu)$", "read": "^$"}
+    # and the producers' own mailbox exchange (revoke), never the workers' celery.pidbox
+    mailbox = re.escape(f"{stack.PRODUCER_CONTROL_EXCHANGE}.pidbox")
+    assert permissions == {"configure": f"^({mailbox})$", "write": f"^(io|cpu|{mailbox})$", "read": "^$"}
     write = re.compile(permissions["write"])
     assert write.match("io") and write.match("cpu")
     assert not write.match("celery") and not write.match("iox") and not write.match("amq.default")
+    assert not write.match("celery.pidbox")
 
 
 def test_producer_permissions_quorum_and_rpc():
@@ -146,7 +150,10 @@ def test_producer_permissions_quorum_and_rpc():
     assert write.match("a.b") and write.match("celery_delayed_27") and not write.match("aXb")
     reply = re.compile(permissions["read"])
     assert reply.match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11") and not reply.match("io")
-    assert permissions["configure"] == permissions["read"]
+    configure = re.compile(permissions["configure"])
+    assert configure.match("2f1c7c3e-58a4-4a4e-9d35-0c1b6f0e9d11") and not configure.match("io")
+    assert configure.match(f"{stack.PRODUCER_CONTROL_EXCHANGE}.pidbox")
+    assert not reply.match(f"{stack.PRODUCER_CONTROL_EXCHANGE}.pidbox")
 
 
 def test_producer_permissions_task_sent_events():
@@ -171,7 +178,7 @@ def test_queue_type_changes():
                                                          {"name": "cpu", "type": "classic"},
                                                          {"name": "other", "type": "quorum"}])}]
     assert stack.queue_type_changes(wanted, listings) == [
-        {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "classic"}]
+        {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "classic", "wanted": "quorum"}]
     assert stack.queue_type_changes(wanted, [{"item": "celery", "stdout": ""}]) == []
 
 
