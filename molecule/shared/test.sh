@@ -18,8 +18,9 @@ stop_dockerd() {
 trap stop_dockerd EXIT
 
 # Every scenario, and the Debian releases it runs on. Debian 12 runs the all-in-one deployment
-# over SSH (ssh: the default scenario's converge and tests as user deploy with sudo, pipelining
-# off) in place of default@12, which `test.sh default@12` still runs: the budget is 60 min.
+# over SSH (ssh: the default scenario's converge as user deploy with sudo, pipelining off, and
+# its tests that depend on the release) in place of default@12, which `test.sh default@12`
+# still runs in full: the budget is 60 min.
 all_scenarios=(ssh@12 default@13 cluster@13 django@13)
 
 lint() {

@@ -1,7 +1,7 @@
 """The ssh scenario's deployment really went the way of real hosts: over SSH as the unprivileged
 user deploy, root through sudo, modules copied to temporary files (pipelining off), and a host
 without the acl package. The stack's own behaviour is checked by the default scenario's tests,
-which this scenario runs too (molecule.yml).
+the ones that depend on the Debian release run here too (molecule.yml).
 
 The evidence is the host's own journal: sshd logs each login, sudo each command it runs for
 deploy. A module sent through the session (pipelining) shows as a bare `python3`; copied to a
@@ -36,14 +36,14 @@ def test_deploy_logged_in_with_its_key(host):
 
 
 def test_every_module_run_as_root_was_a_temporary_file_of_deploy(host):
-    """Every module the runs (prepare, converge, idempotence, check, side effect) became root
-    for through sudo was first copied into deploy's temporary directory: pipelining was off."""
+    """Every module the runs (prepare, converge, idempotence) became root for through sudo was
+    first copied into deploy's temporary directory: pipelining was off."""
     runs = [m.group("run") for m in map(SUDO_MODULE.search, _journal(host, "-t", "sudo").splitlines()) if m]
     modules = {re.search(r"AnsiballZ_(\w+)\.py", run).group(1) for run in runs if "AnsiballZ_" in run}
     piped = [run for run in runs if "AnsiballZ_" not in run]
     assert piped == [], f"modules sent through the session (pipelining on): {piped[:3]}"
     # The roles' modules among them: the run did converge the stack this way.
-    assert {"apt", "copy", "command", "systemd_service", "rabbitmq_user", "pip"} <= modules, sorted(modules)
+    assert {"apt", "deb822_repository", "copy", "command", "systemd_service", "rabbitmq_user"} <= modules, sorted(modules)
     assert all(f"/home/{DEPLOY}/.ansible/tmp/ansible-tmp-" in run for run in runs), runs[:3]
 
 
