@@ -1,6 +1,6 @@
-"""The fault suite, reduced for CI: fewer tasks per fault than `make faults` (1,000), every fault
-that applies to this scenario's stack (three brokers with quorum queues, two worker hosts, a
-producer host), and the same rule as the README's table: nothing lost, nothing wrongly failed,
+"""The fault suite, reduced for CI: fewer tasks per fault than `make faults` (1,000), the faults
+of this scenario's stack (three brokers with quorum queues, two worker hosts, a producer host)
+that no other test covers (FAULTS), and the same rule as the README's table: nothing lost, nothing wrongly failed,
 nothing stuck. Duplicates are allowed (acks_late: at-least-once delivery) and printed.
 
 The suite drives every host with docker from the controller, so it runs once, not per host.
@@ -20,8 +20,11 @@ TASKS = int(os.environ.get("CELERY_STACK_FAULT_TASKS", "200"))
 # the fault strikes (200 x 0.5 s over the io workers of two hosts: about 5 s).
 TASK_SECONDS = os.environ.get("CELERY_STACK_FAULT_TASK_SECONDS", "0.5")
 # rabbitmq-upgrade last: it leaves the brokers at the newer build the test mirror serves.
-FAULTS = ("none,prefork-child-kill,worker-restart,rabbitmq-restart,redis-restart,worker-host-reboot,"
-          "worker-host-crash,broker-host-crash,broker-node-down,rolling-deploy,rabbitmq-upgrade")
+# Left to `make faults` (the CI budget): worker-host-reboot (a clean stop of the workers, which
+# worker-restart runs, and a host gone, which worker-host-crash does harder) and
+# broker-node-down (test_cluster.py stops a broker node while tasks are sent and fail over).
+FAULTS = ("none,prefork-child-kill,worker-restart,rabbitmq-restart,redis-restart,"
+          "worker-host-crash,broker-host-crash,rolling-deploy,rabbitmq-upgrade")
 
 testinfra_hosts = None
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]) if os.environ.get(
