@@ -172,10 +172,16 @@ def problems(queues, groups, default_queue="", app=None, broker="rabbitmq", quor
 def app_kind(source, kind=None):
     """How to install the application: requirement, file or directory (checked on the controller)."""
     if kind == "directory" or (not kind and os.path.isdir(source)):
+        if os.path.isfile(source):
+            raise AnsibleFilterError(f"celery_stack_app.kind is directory but celery_stack_app.source {source!r} is "
+                                     "a file: set kind: file, or leave kind out")
         if not os.path.isdir(source):
             raise AnsibleFilterError(f"celery_stack_app.source {source!r}: no such directory on the controller")
         return "directory"
     if kind == "file" or (not kind and os.path.isfile(source)):
+        if os.path.isdir(source):
+            raise AnsibleFilterError(f"celery_stack_app.kind is file but celery_stack_app.source {source!r} is a "
+                                     "directory: set kind: directory, or leave kind out")
         if not os.path.isfile(source):
             raise AnsibleFilterError(f"celery_stack_app.source {source!r}: no such file on the controller")
         return "file"
