@@ -11,6 +11,7 @@ stops the run in the broker play, before any worker is touched.
 
 import os
 import pathlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
@@ -83,16 +84,65 @@ CASES = {
     # role settings keep their own checks
     "an Erlang version without its epoch": ({"rabbitmq_erlang_version": "27.*"}, "rabbitmq_erlang_version"),
     "an evicting Redis with a broker user": ({"redis_maxmemory_policy": "allkeys-lru"}, "redis_maxmemory_policy"),
+    # the roles' argument specs run in the preflight (entry point validate), not in their plays
+    "a worker setting with an unknown choice": (
+        {"celery_worker_log_level": "verbose"},
+        "value of celery_worker_log_level must be one of: DEBUG, INFO, WARNING, ERROR, CRITICAL, debug"),
+    "a Redis setting with an unknown choice": ({"redis_appendfsync": "sometimes"}, "redis_appendfsync must be one of"),
+    "an environment given as a list": (
+        {"celery_app_environment": ["DEBUG=1"]}, "argument 'celery_app_environment' is of type list"),
+    # variables no role reads (celery_stack.core.unknown_variables)
+    "a misspelt variable": (
+        {"celery_stack_monitorng": False},
+        "celery_stack_monitorng is not a variable of celery-stack: did you mean celery_stack_monitoring?"),
+    # one rule per message, checked against what the target accepts (celery_stack.core, preflight.py)
+    "a RabbitMQ user tag RabbitMQ does not know": (
+        {"rabbitmq_users": [{"name": "ops", "password": "ops-secret-1", "tags": ["superuser"]}]},
+        "rabbitmq_users[0] (ops).tags: 'superuser' is not a RabbitMQ user tag"),
+    "a permission regex that does not compile": (
+        {"rabbitmq_users": [{"name": "ops", "password": "ops-secret-1",
+                             "permissions": [{"vhost": "celery", "read": "^(celery"}]}]},
+        "rabbitmq_users[0] (ops).permissions[0].read '^(celery' is not a regular expression"),
+    "a number where a password belongs": (
+        {"celery_stack_broker_password": 123456789},
+        "celery_stack_broker_password is a number, not a string: quote it"),
+    "one password for two users": (
+        {"celery_stack_broker_password": "same-secret-for-both", "celery_stack_redis_results_password": "same-secret-for-both"},
+        "celery_stack_redis_results_password is the same as celery_stack_broker_password"),
+    "the results user named like the Redis admin": (
+        {"celery_stack_redis_results_user": "admin"},
+        "celery_stack_redis_results_user is 'admin', the name of redis_admin_user"),
+    "the application running as root": ({"celery_app_user": "root"}, "celery_app_user is root"),
+    "an environment key with '='": (
+        {"celery_app_environment": {"A=B": "1"}},
+        "celery_app_environment: 'A=B' is not an environment variable name"),
+    "a route pattern written as a regular expression": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["re:.*"]}]},
+        "celery_stack_queues[0] (io).tasks: 're:.*' looks like a regular expression"),
+    "negative download retries": ({"celery_stack_network_retries": -1}, "celery_stack_network_retries must be at least 0"),
+    "a RabbitMQ version the configured repository does not serve": (
+        {"rabbitmq_version": "9.9.9-1"}, "rabbitmq_version '9.9.9-1' matches no version the configured repository serves"),
+    "a directory given as kind file": (
+        {"celery_stack_app": {"source": str(REPO / "examples" / "demo_app"), "kind": "file", "module": "app.celery"}},
+        "celery_stack_app.kind is file but celery_stack_app.source"),
 }
 
+
+@pytest.fixture(scope="module")
+def refusals():
+    """Every case's site.yml run, four at a time (each is a whole preflight of a few seconds)."""
+    with ThreadPoolExecutor(4) as pool:
+        futures = {case: pool.submit(run, "site.yml", extra_vars) for case, (extra_vars, _) in CASES.items()}
+        return {case: future.result() for case, future in futures.items()}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_before_any_host_is_changed(case):
-    extra_vars, expected = CASES[case]
+def test_bad_input_fails_before_any_host_is_changed(case, refusals):
     # {broker}: the broker host as the scenario names it (default and ssh reuse these tests)
     import testinfra.utils.ansible_runner
 
     broker = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_hosts("rabbitmq")[0]
-    assert_refused_in_preflight(*run("site.yml", extra_vars), expected.replace("{broker}", broker))
+    assert_refused_in_preflight(*refusals[case], CASES[case][1].replace("{broker}", broker))
 
 
 @pytest.mark.parametrize("extra_vars", [
@@ -101,10 +151,22 @@ def test_bad_input_fails_before_any_host_is_changed(case):
     {"redis_port": "6379", "rabbitmq_amqp_port": "5672"},
     # an exact name under an earlier queue's glob is routed by name (Celery tries names first)
     {"celery_stack_queues": [{"name": "io", "tasks": [f"{DEMO}.*"]}, {"name": "cpu", "tasks": [f"{DEMO}.run_add"]}]},
-], ids=["as deployed", "quoted ports", "exact name after a glob"])
+    # the default vhost; ops-admin's two permission entries become one (the same regexes)
+    {"celery_stack_broker_vhost": "/"},
+    {"celery_stack_monitoring": "yes", "celery_stack_broker_password": "1234567890"},
+], ids=["as deployed", "quoted ports", "exact name after a glob", "the default vhost", "yes and quoted digits"])
 def test_valid_input_passes_the_preflight(extra_vars):
     result, out = run("playbooks/preflight.yml", extra_vars)
     assert result.returncode == 0, out
+
+
+def test_a_prefork_concurrency_far_above_the_cores_is_a_warning():
+    """Allowed (the team may know better), and said as Ansible's own warning, naming the setting."""
+    result, out = run("playbooks/preflight.yml", {"celery_stack_queues": [
+        {"name": "io", "tasks": ["x.*"], "pools": {"prefork": {"concurrency": 10000}}}]})
+    assert result.returncode == 0, out
+    assert "[WARNING]: io-prefork: prefork concurrency 10000 on a host with" in out, out
+    assert "celery_stack_queues (io).pools.prefork.concurrency" in out, out
 
 
 def test_an_inventory_without_worker_hosts_is_refused(tmp_path):
@@ -126,6 +188,21 @@ def test_an_inventory_without_worker_hosts_is_refused(tmp_path):
                                  "the inventory has no host in group celery_workers")
 
 
+def test_a_host_in_both_worker_and_producer_groups_is_refused(tmp_path):
+    """A worker host that is also a producer host would get two users' settings: refused in
+    the preflight (it used to fail in the producers' play, at a chgrp)."""
+    inventory = yaml.safe_load(pathlib.Path(os.environ["MOLECULE_INVENTORY_FILE"]).read_text())
+    import testinfra.utils.ansible_runner
+
+    worker = testinfra.utils.ansible_runner.AnsibleRunner(os.environ["MOLECULE_INVENTORY_FILE"]).get_hosts(
+        "celery_workers")[0]
+    inventory.setdefault("all", {}).setdefault("children", {})["celery_producers"] = {"hosts": {worker: None}}
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    (tmp_path / "group_vars").symlink_to(REPO / "inventories" / "local" / "group_vars")
+    assert_refused_in_preflight(*run("site.yml", inventory=tmp_path / "hosts.yml"),
+                                 f"{worker}: in both groups celery_workers and celery_producers")
+
+
 def test_a_producer_host_without_the_producers_password_is_refused(tmp_path):
     """A host in group celery_producers needs the producers' RabbitMQ password (8+ characters):
     refused, naming the variable, and the (too short) value is not shown."""
@@ -144,7 +221,7 @@ def test_a_producer_host_without_the_producers_password_is_refused(tmp_path):
     (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
     (tmp_path / "group_vars").symlink_to(REPO / "inventories" / "local" / "group_vars")
     result, out = run("site.yml", {"celery_stack_producer_password": "s3cr"}, inventory=tmp_path / "hosts.yml")
-    assert_refused_in_preflight(result, out, "celery_producers need celery_stack_producer_password")
+    assert_refused_in_preflight(result, out, "celery_stack_producer_password is shorter than 8 characters")
     assert "s3cr" not in out
 
 

@@ -20,10 +20,13 @@ here say so instead of failing on it.
 
 import difflib
 import fnmatch
+import ipaddress
 import pathlib
 import re
 
 import yaml
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
 
 PREFIXES = ("celery_stack_", "celery_app_", "celery_worker_", "celery_flower_", "rabbitmq_", "redis_")
 # Tags RabbitMQ knows (docs: management, "Management UI Access"); any other is ignored by it.
@@ -40,6 +43,21 @@ REGEX_SYNTAX = re.compile(r"[\s^$()\[\]{}|+?\\]|^re:")
 
 # ---------------------------------------------------------------------------------------------
 # Shapes shared by the rules
+
+
+def _kind(value):
+    """A value's type in the inventory's words."""
+    if isinstance(value, dict):
+        return "mapping"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if value is None:
+        return "null"
+    return "string" if isinstance(value, str) else type(value).__name__
 
 
 def _is_number(value):
@@ -64,7 +82,7 @@ def secret_problems(name, value, minimum, required=True):
         return [f"{name} is a number, not a string: quote it in the inventory (YAML reads an unquoted 1234 as "
                 "a number and may change it, e.g. 0123 or 1e5)"]
     if not isinstance(value, str):
-        return [f"{name} must be a string, got a {type(value).__name__}"]
+        return [f"{name} must be a string, got a {_kind(value)}"]
     found = []
     if len(value) < minimum:
         found.append(f"{name} is shorter than {minimum} characters: use a longer one (from Vault)")
@@ -90,6 +108,42 @@ def _at_least(settings, name, minimum, unit=""):
     if number < minimum:
         return [f"{name} must be at least {minimum}{unit}, got {number}"]
     return []
+
+
+def _not_negative(settings, name):
+    """A duration in seconds that may have a fraction (0: off)."""
+    try:
+        if float(settings.get(name, 0)) >= 0:
+            return []
+    except (TypeError, ValueError):
+        pass
+    return [f"{name} must be a number of seconds, 0 or more, got {settings.get(name)!r}"]
+
+
+def _absolute_paths(settings, names):
+    found = []
+    for name in names:
+        value = settings.get(name)
+        if name in settings and (not isinstance(value, str) or not value.startswith("/") or re.search(r"\s", value)
+                                 or value.rstrip("/") == ""):
+            found.append(f"{name} must be an absolute path without spaces (not /), got {value!r}")
+    return found
+
+
+def _config_problems(name, mapping, key_pattern, what):
+    """A mapping rendered one `key = value` (or KEY=value) line each."""
+    if not isinstance(mapping, dict):
+        return [f"{name} must be a mapping, got a {_kind(mapping)}"]
+    found = []
+    for key, value in mapping.items():
+        if not isinstance(key, str) or not re.match(key_pattern, key):
+            found.append(f"{name}: {key!r} is not {what}")
+        if isinstance(value, (dict, list)):
+            found.append(f"{name}.{key} must be a single value (a string, number or boolean), got a "
+                         f"{_kind(value)}")
+        elif value is not None and re.search(r"[\n\r\x00]", str(value)):
+            found.append(f"{name}.{key} contains a line break: each setting is one line")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +211,17 @@ def stack_problems(stack, groups):
             found.append(f"celery_stack_broker_vhost {vhost!r} contains a space or a control character: "
                          "use a name without them, e.g. celery")
 
+    for name in ("celery_stack_address", "celery_stack_listen_address"):
+        value = stack.get(name)
+        if value not in (None, "") and (not isinstance(value, str) or not re.match(r"^[A-Za-z0-9.:_-]+$", value)):
+            found.append(f"{name} {value!r} must be a host name or an IP address")
+    listen = stack.get("celery_stack_listen_address")
+    if isinstance(listen, str) and listen:
+        try:
+            ipaddress.ip_address(listen)
+        except ValueError:
+            found.append(f"celery_stack_listen_address {listen!r} must be an IP address (Redis binds to addresses)")
+
     # Users: each account name is stated once and belongs to one client.
     if broker == "rabbitmq":
         user = stack.get("celery_stack_broker_user", "celery")
@@ -207,12 +272,46 @@ def stack_problems(stack, groups):
     return found
 
 
+def table_shape_problems(queues):
+    """The routing table's shape, before the argument spec reads it (the spec's own message for
+    a list where a mapping belongs does not name the variable)."""
+    if not isinstance(queues, list):
+        return [f"celery_stack_queues must be a list of queues (- name: io ...), got a {_kind(queues)}"]
+    found = []
+    for index, queue in enumerate(queues):
+        if not isinstance(queue, dict):
+            found.append(f"celery_stack_queues[{index}] must be a mapping (name:, tasks:, pools: ...), got a "
+                         f"{_kind(queue)}")
+            continue
+        where = f"celery_stack_queues[{index}] ({queue.get('name')})"
+        pools = queue.get("pools")
+        if pools is not None and not isinstance(pools, dict):
+            found.append(f"{where}.pools must be a mapping of pool name to settings ({{prefork: {{concurrency: 2}}}}), "
+                         f"got a {_kind(pools)}")
+        for pool, settings in (pools or {}).items() if isinstance(pools, dict) else ():
+            if settings is not None and not isinstance(settings, dict):
+                found.append(f"{where}.pools.{pool} must be a mapping of settings ({{concurrency: 2}}), got a "
+                             f"{_kind(settings)}")
+    return found
+
+
 def route_pattern_problems(queues):
     """Task patterns Celery would not read as their author meant: regular-expression syntax
-    (Celery's routes match a task name exactly, or a glob where only "*" is special)."""
+    (Celery's routes match a task name exactly, or a glob where only "*" is special); and queue
+    names the broker or the bundle keeps for themselves."""
     found = []
+    names = [q.get("name") for q in queues if isinstance(q, dict)] if isinstance(queues, list) else []
     for index, queue in enumerate(queues if isinstance(queues, list) else []):
-        if not isinstance(queue, dict) or not isinstance(queue.get("tasks"), list):
+        if not isinstance(queue, dict):
+            continue
+        name = str(queue.get("name"))
+        if name.startswith("amq."):
+            found.append(f"celery_stack_queues[{index}].name {name!r}: RabbitMQ keeps names starting with amq. for "
+                         "itself (declaring one is refused); choose another name")
+        if name.endswith(".dead-letter") and name[:-len(".dead-letter")] in names:
+            found.append(f"celery_stack_queues[{index}].name {name!r} is the dead-letter queue of queue "
+                         f"{name[:-len('.dead-letter')]} (poison tasks go there): choose another name")
+        if not isinstance(queue.get("tasks"), list):
             continue
         for pattern in queue["tasks"]:
             if not isinstance(pattern, str) or not pattern.strip():
@@ -232,14 +331,14 @@ def route_pattern_problems(queues):
 def environment_problems(name, environment):
     """An environment mapping written into a systemd EnvironmentFile: NAME=value lines."""
     if not isinstance(environment, dict):
-        return [f"{name} must be a mapping of NAME: value, got a {type(environment).__name__}"]
+        return [f"{name} must be a mapping of NAME: value, got a {_kind(environment)}"]
     found = []
     for key, value in environment.items():
         if not isinstance(key, str) or not ENV_KEY.match(key):
             found.append(f"{name}: {key!r} is not an environment variable name (letters, digits and _, not "
                          "starting with a digit)")
         if isinstance(value, (dict, list)):
-            found.append(f"{name}.{key} must be a string or a number, got a {type(value).__name__}")
+            found.append(f"{name}.{key} must be a string or a number, got a {_kind(value)}")
         elif value is not None and re.search(r"[\n\r\x00]", str(value)):
             found.append(f"{name}.{key} contains a line break: an environment file holds one variable per line "
                          "(a YAML block scalar adds a final newline: use |- or quotes)")
@@ -259,6 +358,33 @@ def app_problems(app):
     for name in ("celery_app_environment", "celery_app_pip_environment"):
         if name in app:
             found += environment_problems(name, app[name])
+    version = str(app.get("celery_app_celery_version", "5.7.0"))
+    try:
+        if Version(version).major != 5:
+            found.append(f"celery_app_celery_version {version!r}: the roles are written for Celery 5 (5.7 tested)")
+    except InvalidVersion:
+        found.append(f"celery_app_celery_version {version!r} is not an exact version such as 5.7.0")
+    for extra in app.get("celery_app_celery_extras") or []:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", str(extra)):
+            found.append(f"celery_app_celery_extras: {extra!r} is not an extra's name such as redis")
+    for package in app.get("celery_app_pip_packages") or []:
+        # URLs, paths and VCS references are pip's to read; a requirement must parse.
+        if isinstance(package, str) and not re.search(r"://|^[./~]|^git\+", package):
+            try:
+                Requirement(package)
+            except InvalidRequirement as error:
+                found.append(f"celery_app_pip_packages: {package!r} is not a pip requirement ({error})")
+    found += _absolute_paths(app, ("celery_app_base_dir", "celery_app_venv", "celery_app_home",
+                                   "celery_app_config_dir"))
+    for name in ("celery_app_soft_shutdown_timeout", "celery_app_redis_visibility_timeout"):
+        if name in app:
+            found += _not_negative(app, name)
+    for unit in app.get("celery_app_services") or []:
+        if not isinstance(unit, str) or not re.match(r"^[A-Za-z0-9@._:\\-]+$", unit):
+            found.append(f"celery_app_services: {unit!r} is not a systemd unit name such as gunicorn.service")
+        elif unit.startswith(("celery-worker", "celery-beat", "celery-flower")):
+            found.append(f"celery_app_services: {unit!r} is the bundle's own unit, restarted one at a time by its "
+                         "role: leave it out")
     broker, backend = app.get("celery_app_broker") or {}, app.get("celery_app_result_backend") or {}
     if not broker.get("hosts"):
         found.append(f"celery_app_broker.hosts is empty: the inventory group {broker.get('type')} has no host (or "
@@ -319,11 +445,22 @@ def rabbitmq_problems(settings):
     found += _at_least(settings, "rabbitmq_consumer_timeout", 1000, " ms")
     found += _at_least(settings, "rabbitmq_limit_nofile", 1024)
     found += _at_least(settings, "rabbitmq_cluster_wait_retries", 1)
+    ports = {}
     for name in ("rabbitmq_amqp_port", "rabbitmq_management_port", "rabbitmq_prometheus_port"):
         if name in settings:
             port = _int(settings[name])
             if port is None or not 1 <= port <= 65535:
                 found.append(f"{name} must be a port number (1-65535), got {settings[name]!r}")
+            elif port in ports:
+                found.append(f"{name} is {port}, the port of {ports[port]}: each listener needs a port of its own")
+            else:
+                ports[port] = name
+    if "rabbitmq_config_extra" in settings:
+        found += _config_problems("rabbitmq_config_extra", settings["rabbitmq_config_extra"],
+                                  r"^[A-Za-z0-9_.$-]+$", "a rabbitmq.conf key such as log.console.level")
+    if "rabbitmq_env_extra" in settings:
+        found += _config_problems("rabbitmq_env_extra", settings["rabbitmq_env_extra"], ENV_KEY.pattern,
+                                  "an environment variable name such as RABBITMQ_LOGS")
     nodename = str(settings.get("rabbitmq_nodename", "rabbit"))
     if not re.match(r"^[A-Za-z0-9_.-]+(@[A-Za-z0-9_.-]+)?$", nodename):
         found.append(f"rabbitmq_nodename must be a node name such as rabbit or rabbit@host, got {nodename!r}")
@@ -446,6 +583,15 @@ def redis_problems(settings):
     found = []
     if not settings.get("redis_bind"):
         found.append("redis_bind must list at least one address")
+    for address in settings.get("redis_bind") or []:
+        try:
+            if str(address).lstrip("-") != "*":
+                ipaddress.ip_address(str(address).lstrip("-"))
+        except ValueError:
+            found.append(f"redis_bind: {address!r} is not an IP address (a leading - marks one that may be missing)")
+    for rule in settings.get("redis_save") or []:
+        if not re.match(r"^[0-9]+ +[0-9]+$", str(rule).strip()):
+            found.append(f"redis_save: {rule!r} is not a snapshot rule \"SECONDS CHANGES\" such as \"3600 1\"")
     port = _int(settings.get("redis_port"))
     if port is None or not 1 <= port <= 65535:
         found.append(f"redis_port must be a port number (1-65535), got {settings.get('redis_port')!r}")
@@ -500,7 +646,10 @@ def redis_user_problems(users, presets, admin="admin", reserved=()):
 def worker_problems(settings):
     """The celery_worker_* variables as the inventory gives them (name -> value)."""
     found = []
-    defaults = settings.get("celery_worker_pool_defaults") or {}
+    defaults = settings.get("celery_worker_pool_defaults")
+    if not isinstance(defaults, dict) or any(not isinstance(v, dict) for v in defaults.values()):
+        return [f"celery_worker_pool_defaults must be a mapping of pool name to its settings ({{prefork: "
+                f"{{concurrency: 4}}, threads: {{concurrency: 8}}}}), got a {_kind(defaults)}"]
     for pool in ("prefork", "threads"):
         concurrency = (defaults.get(pool) or {}).get("concurrency", 1)
         if (_int(concurrency) or 0) < 1:
@@ -511,6 +660,14 @@ def worker_problems(settings):
                           ("celery_worker_health_timeout", 1)):
         if name in settings:
             found += _at_least(settings, name, minimum)
+    for path in settings.get("celery_worker_read_write_paths") or []:
+        if not isinstance(path, str) or not re.match(r"^-?/\S*$", path) or path.lstrip("-") == "/":
+            found.append(f"celery_worker_read_write_paths: {path!r} must be an absolute path other than / (systemd's "
+                         "ReadWritePaths=)")
+    state = settings.get("celery_worker_state_dir_name")
+    if "celery_worker_state_dir_name" in settings and not re.match(r"^[A-Za-z0-9_.-]+$", str(state)) \
+            or state in (".", ".."):
+        found.append(f"celery_worker_state_dir_name {state!r} must be one directory name under /var/lib")
     interval, timeout = _int(settings.get("celery_worker_health_interval")), _int(
         settings.get("celery_worker_health_timeout"))
     if interval is not None and timeout is not None and interval <= timeout:
@@ -570,7 +727,7 @@ def flower_problems(settings, monitoring=False):
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
-            known_variables, unknown_variables, stack_problems, rabbitmq_cluster_problems, route_pattern_problems, app_problems,
+            known_variables, unknown_variables, stack_problems, table_shape_problems, rabbitmq_cluster_problems, route_pattern_problems, app_problems,
             environment_problems, rabbitmq_problems, rabbitmq_user_problems, served_versions,
             version_problems, redis_problems, redis_user_problems, worker_problems, worker_warnings,
             flower_problems, secret_problems)}

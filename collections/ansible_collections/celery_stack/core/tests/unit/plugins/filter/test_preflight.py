@@ -118,6 +118,31 @@ def test_a_route_pattern_like_a_regular_expression_is_refused(pattern):
         "celery_stack_queues[0] (io).tasks", repr(pattern))
 
 
+@pytest.mark.parametrize("queues, expected", [
+    ([{"name": "amq.io", "tasks": []}], "RabbitMQ keeps names starting with amq."),
+    ([{"name": "io", "tasks": []}, {"name": "io.dead-letter", "tasks": []}], "is the dead-letter queue of queue io"),
+])
+def test_queue_names_the_broker_or_the_bundle_keep(queues, expected):
+    one(preflight.route_pattern_problems(queues), expected)
+
+
+def test_addresses():
+    one(preflight.stack_problems(dict(STACK, celery_stack_listen_address="eth0"), GROUPS),
+        "celery_stack_listen_address 'eth0' must be an IP address")
+    one(preflight.stack_problems(dict(STACK, celery_stack_address="my host"), GROUPS),
+        "celery_stack_address 'my host' must be a host name or an IP address")
+
+
+@pytest.mark.parametrize("queues, expected", [
+    ({"io": {}}, "celery_stack_queues must be a list of queues"),
+    (["io"], "celery_stack_queues[0] must be a mapping"),
+    ([{"name": "io", "pools": ["prefork"]}], "celery_stack_queues[0] (io).pools must be a mapping"),
+    ([{"name": "io", "pools": {"prefork": 4}}], "celery_stack_queues[0] (io).pools.prefork must be a mapping"),
+])
+def test_the_table_shape_is_checked_before_the_spec(queues, expected):
+    one(preflight.table_shape_problems(queues), expected)
+
+
 def test_names_and_globs_are_route_patterns():
     assert preflight.route_pattern_problems([{"name": "io", "tasks": ["app.tasks.crawl*", "a.b:c", "*"]}]) == []
 
@@ -139,13 +164,22 @@ APP = {"celery_app_user": "celery", "celery_app_group": "celery", "celery_app_en
     ({"celery_app_pip_environment": {"PIP_INDEX_URL": ["x"]}}, "celery_app_pip_environment.PIP_INDEX_URL must be"),
     ({"celery_app_releases_kept": 0}, "celery_app_releases_kept must be at least 1, got 0"),
     ({"celery_app_prefetch_multiplier": "many"}, "celery_app_prefetch_multiplier must be a whole number"),
+    ({"celery_app_celery_version": "latest"}, "celery_app_celery_version 'latest' is not an exact version"),
+    ({"celery_app_celery_version": "4.4.7"}, "the roles are written for Celery 5"),
+    ({"celery_app_celery_extras": ["redis", "bad extra"]}, "celery_app_celery_extras: 'bad extra'"),
+    ({"celery_app_pip_packages": ["requests>>2"]}, "celery_app_pip_packages: 'requests>>2' is not a pip requirement"),
+    ({"celery_app_base_dir": "opt/celery"}, "celery_app_base_dir must be an absolute path"),
+    ({"celery_app_soft_shutdown_timeout": -1}, "celery_app_soft_shutdown_timeout must be a number of seconds"),
+    ({"celery_app_services": ["celery-worker@io-threads.service"]}, "is the bundle's own unit"),
 ])
 def test_one_app_mistake_one_message(change, expected):
     one(preflight.app_problems(dict(APP, **change)), expected)
 
 
 def test_a_valid_app_has_no_problem():
-    assert preflight.app_problems(dict(APP, celery_app_environment={"A": 1, "B": True, "C": None})) == []
+    assert preflight.app_problems(dict(APP, celery_app_environment={"A": 1, "B": True, "C": None},
+                                       celery_app_pip_packages=["django>=4.2,<6", "git+https://x/y.git", "./pkg"],
+                                       celery_app_services=["gunicorn.service"])) == []
 
 
 # --- RabbitMQ --------------------------------------------------------------------------------
@@ -176,6 +210,9 @@ def test_valid_broker_settings_have_no_problem():
     ({"rabbitmq_consumer_timeout": 10}, "rabbitmq_consumer_timeout must be at least 1000 ms"),
     ({"rabbitmq_amqp_port": 70000}, "rabbitmq_amqp_port must be a port number"),
     ({"rabbitmq_nodename": "rabbit@a b"}, "rabbitmq_nodename must be a node name"),
+    ({"rabbitmq_management_port": 5672}, "rabbitmq_management_port is 5672, the port of rabbitmq_amqp_port"),
+    ({"rabbitmq_config_extra": {"log.console.level": ["info"]}}, "rabbitmq_config_extra.log.console.level must be a single"),
+    ({"rabbitmq_env_extra": {"BAD KEY": "1"}}, "rabbitmq_env_extra: 'BAD KEY' is not an environment variable name"),
     ({"rabbitmq_erlang_cookie": "short"}, "rabbitmq_erlang_cookie must be 20 to 255 letters"),
     ({"rabbitmq_repository_preset": "custom", "rabbitmq_repository_custom_url": "http://m",
       "rabbitmq_repository_custom_key_url": "http://m/k.asc", "rabbitmq_repository_custom_key_fingerprint": "AB"},
@@ -235,6 +272,8 @@ REDIS = {"redis_bind": ["127.0.0.1"], "redis_port": "6379", "redis_maxmemory": "
     ({"redis_maxmemory": "lots"}, "redis_maxmemory must be a number"),
     ({"redis_port": 0}, "redis_port must be a port number"),
     ({"redis_admin_user": "default"}, "redis_admin_user must not be \"default\""),
+    ({"redis_bind": ["127.0.0.1", "localhost"]}, "redis_bind: 'localhost' is not an IP address"),
+    ({"redis_save": ["3600"]}, "redis_save: '3600' is not a snapshot rule"),
 ])
 def test_one_redis_mistake_one_message(change, expected):
     assert preflight.redis_problems(REDIS) == []
@@ -257,8 +296,14 @@ def test_worker_settings():
     assert preflight.worker_problems(settings) == []
     one(preflight.worker_problems(dict(settings, celery_worker_health_interval=5)),
         "celery_worker_health_interval (5 s) must be longer than celery_worker_health_timeout (5 s)")
+    one(preflight.worker_problems(dict(settings, celery_worker_pool_defaults=None)),
+        "celery_worker_pool_defaults must be a mapping")
     one(preflight.worker_problems(dict(settings, celery_worker_restart_hosts_at_once=0)),
         "celery_worker_restart_hosts_at_once must be at least 1")
+    one(preflight.worker_problems(dict(settings, celery_worker_read_write_paths=["data"])),
+        "celery_worker_read_write_paths: 'data' must be an absolute path")
+    one(preflight.worker_problems(dict(settings, celery_worker_state_dir_name="a/b")),
+        "celery_worker_state_dir_name 'a/b' must be one directory name")
 
 
 def test_a_prefork_concurrency_far_above_the_cores_is_a_warning():
