@@ -55,7 +55,7 @@ CASES = {
         "celery_stack_broker must be one of: rabbitmq, redis, got: kafka"),
     "a mapping where the table's list belongs": (
         {"celery_stack_queues": {"io": {"tasks": ["x.*"]}}},
-        "argument 'celery_stack_queues' is of type dict"),
+        "celery_stack_queues must be a list of queues (- name: io ...), got a mapping"),
     "an application path that does not exist": (
         {"celery_stack_app": {"source": "/srv/no/such/app", "module": "app.celery"}},
         "celery_stack_app.source '/srv/no/such/app' looks like a path"),
