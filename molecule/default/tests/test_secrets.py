@@ -67,23 +67,31 @@ def test_a_converge_at_vvv_shows_no_secret():
 CASES = {
     "a Redis ACL user with an unknown preset": (
         {"redis_users": [{"name": "app-cache", "password": "Zq9-acl-preset-secret-0001", "preset": "cache"}]},
-        "Redis ACL user app-cache"),
+        "redis_users[0] (app-cache).preset 'cache'"),
     "a Redis ACL user with a short password": (
         {"redis_users": [{"name": "app-cache", "password": "Zq9-acl-short", "preset": "celery_result_backend",
                           "keys": ["app-cache-*"]}]},
-        "Redis ACL user app-cache"),
+        "redis_users[0] (app-cache).password is shorter than 16"),
     "a RabbitMQ user with a bad tag": (
         {"rabbitmq_users": [{"name": "ops-admin", "password": "Zq9-admin-secret", "tags": ["admin istrator"]}]},
-        "User ops-admin"),
+        "rabbitmq_users[0] (ops-admin).tags: 'admin istrator' is not a RabbitMQ user tag"),
     "a RabbitMQ user with a short password": (
         {"rabbitmq_users": [{"name": "ops-admin", "password": "Zq9-adm", "tags": ["administrator"]}]},
-        "User ops-admin"),
+        "rabbitmq_users[0] (ops-admin).password is shorter than 8"),
     "a short result-store password": (
         {"celery_stack_redis_results_password": "Zq9-results"},
-        "celery_stack_redis_results_password"),
+        "celery_stack_redis_results_password is shorter than 16"),
     "a password that is not a string": (
         {"celery_stack_broker_password": {"value": "Zq9-mapping-secret"}},
         "celery_stack_broker_password"),
+    "a password with a line break": (
+        {"celery_stack_redis_results_password": "Zq9-results-secret\nsecond-line"},
+        "celery_stack_redis_results_password contains a line break"),
+    # a failing argument spec prints the task it validated: the secrets it was given must not be
+    "a role setting the spec refuses": (
+        {"redis_appendfsync": "sometimes", "redis_users": [
+            {"name": "app-cache", "password": "Zq9-acl-spec-secret-0001", "preset": "celery_result_backend"}]},
+        "redis_appendfsync must be one of"),
 }
 
 
