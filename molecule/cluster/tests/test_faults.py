@@ -1,6 +1,6 @@
 """The fault suite, reduced for CI: fewer tasks per fault than `make faults` (1,000), the faults
 of this scenario's stack (three brokers with quorum queues, two worker hosts, a producer host)
-that no other test covers (FAULTS), and the same rule as the README's table: nothing lost,
+that no other test covers (FAULTS), and the same rule as the table in docs/faults-and-load.md: nothing lost,
 nothing wrongly failed, nothing stuck. Duplicates are allowed (acks_late: at-least-once delivery) and printed.
 
 The suite drives every host with docker from the controller, so it runs once, not per host.

@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
-# Refused or limited on purpose, with the reason in the README's feature table.
+# Refused or limited on purpose, with the reason in the feature table of docs/producers-and-django.md.
 BY_DESIGN = {"rate-limit", "inspect"}
 
 testinfra_hosts = None

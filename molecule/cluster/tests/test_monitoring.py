@@ -356,7 +356,7 @@ def test_queue_depth_of_a_burst_on_rabbitmq(stack, expected_workers):
     counted = succeeded() - before
     assert counted >= BURST, f"Flower counted {counted:.0f} of {BURST} crawl_probe successes"
 
-    # What Flower costs, during and after the burst (printed with -s; the README's figures).
+    # What Flower costs, during and after the burst (printed with -s; the figures in docs/monitoring.md).
     elapsed = time.monotonic() - started
     shown = dict(line.split("=", 1) for line in flower.check_output(
         "systemctl show -p MainPID -p MemoryCurrent %s", FLOWER_UNIT).splitlines())

@@ -4,7 +4,7 @@ and result features through the deployed stack, one row at a time. One JSON line
 stdout: {"row", "status", "detail", "seconds"}; status is
 
   ok         the feature works through the deployment;
-  by design  refused or limited on purpose (the README says why): the reason is the detail;
+  by design  refused or limited on purpose (docs/producers-and-django.md says why): the reason is the detail;
   n/a        the row exercises another backend's code path;
   FAIL       anything else, with the error.
 
