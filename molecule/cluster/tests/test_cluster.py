@@ -12,25 +12,21 @@ from the first worker host, instead of once per host.
 """
 
 import json
-import os
+import pathlib
+import sys
 import time
 
 import pytest
-import testinfra
-import testinfra.utils.ansible_runner
 
-INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
-BROKERS = RUNNER.get_hosts("rabbitmq")
-WORKERS = RUNNER.get_hosts("celery_workers")
-VENV_PYTHON = "/opt/celery-stack/venv/bin/python"
+# The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from stack_hosts import VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
+
+BROKERS = group_hosts("rabbitmq")
+WORKERS = group_hosts("celery_workers")
 VHOST = "celery"
 
 testinfra_hosts = [f"ansible://{name}" for name in BROKERS]
-
-
-def _host(name):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
 
 
 def _cluster_status(host):
@@ -41,7 +37,7 @@ def _node_name(host):
     return "rabbit@" + host.check_output("hostname -s")
 
 
-EXPECTED_NODES = sorted(_node_name(_host(name)) for name in BROKERS)
+EXPECTED_NODES = sorted(_node_name(inventory_host(name)) for name in BROKERS)
 
 
 def test_three_brokers_in_the_inventory():
@@ -55,7 +51,7 @@ def test_cluster_runs_every_node(host):
 
 
 def test_every_node_runs_one_rabbitmq_version():
-    versions = {name: _host(name).check_output("rabbitmqctl -q version") for name in BROKERS}
+    versions = {name: inventory_host(name).check_output("rabbitmqctl -q version") for name in BROKERS}
     print("\nRabbitMQ versions:", versions)
     assert len(set(versions.values())) == 1, versions
 
@@ -96,14 +92,14 @@ def _client(host, mode, arg):
 
 def _workers(action):
     for name in WORKERS:
-        _host(name).check_output("systemctl %s celery-workers.target", action)
+        inventory_host(name).check_output("systemctl %s celery-workers.target", action)
 
 
 def test_tasks_survive_a_stopped_broker_node():
     """Queued tasks are not lost and new ones complete while one broker node is down; the node
     rejoins when started again. The stopped node is the first of the clients' URL list, so
     every client has to fail over."""
-    client, broker = _host(WORKERS[0]), _host(BROKERS[0])
+    client, broker = inventory_host(WORKERS[0]), inventory_host(BROKERS[0])
     batch = 20
     _workers("stop")
     try:
@@ -135,7 +131,7 @@ def test_tasks_survive_a_stopped_broker_node():
         time.sleep(5)
     assert sorted(status["running_nodes"]) == EXPECTED_NODES
     for name in BROKERS:
-        assert sorted(_cluster_status(_host(name))["running_nodes"]) == EXPECTED_NODES
+        assert sorted(_cluster_status(inventory_host(name))["running_nodes"]) == EXPECTED_NODES
 
 
 def _worker_units(host):
@@ -146,7 +142,7 @@ def _worker_units(host):
 def test_the_cpu_queue_runs_on_its_placed_host_only():
     """celery_stack_queues places cpu on group celery_cpu_workers, which holds worker1 only: worker2
     runs io's workers and none of cpu's, and cpu tasks sent from worker2 run on worker1."""
-    placed, other = (_host(name) for name in WORKERS)
+    placed, other = (inventory_host(name) for name in WORKERS)
     assert _worker_units(placed) == ["celery-worker@cpu-prefork.service", "celery-worker@cpu-threads.service",
                                      "celery-worker@io-prefork.service", "celery-worker@io-threads.service"]
     assert _worker_units(other) == ["celery-worker@io-prefork.service", "celery-worker@io-threads.service"]
@@ -160,7 +156,7 @@ def test_an_inventory_value_wins_over_the_stack_default():
     """inventories/local/group_vars/all/celery_worker.yml sets celery_worker_beat_host to the LAST
     worker host; the role's default is the first. (With the stack wiring in the playbooks'
     group_vars/all, this inventory value was silently ignored.)"""
-    first, last = (_host(name) for name in WORKERS)
+    first, last = (inventory_host(name) for name in WORKERS)
     assert last.service("celery-beat.service").is_running
     assert not first.file("/etc/systemd/system/celery-beat.service").exists
 
@@ -170,4 +166,4 @@ def _brokers_running():
     """Whatever happened before, start every broker: a test that stopped one restores it."""
     yield
     for name in BROKERS:
-        _host(name).run("systemctl start rabbitmq-server.service")
+        inventory_host(name).run("systemctl start rabbitmq-server.service")

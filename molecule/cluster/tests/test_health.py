@@ -16,22 +16,19 @@ The stop tests drive two hosts, so they run once rather than once per host.
 """
 
 import json
-import os
+import pathlib
 import re
+import sys
 import time
 
-import testinfra
-import testinfra.utils.ansible_runner
+# The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from stack_hosts import VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
 
-INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-WORKERS = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY).get_hosts("celery_workers")
+WORKERS = group_hosts("celery_workers")
 HEALTH = "celery-worker-health"
 
 testinfra_hosts = [f"ansible://{name}" for name in WORKERS]
-
-
-def _host(name):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
 
 
 def _instances(host):
@@ -67,7 +64,7 @@ def test_the_timer_checks_every_instance_of_the_host(host):
 
 
 def test_a_stopped_worker_is_restarted_and_no_other_instance_is_touched():
-    hosts = {name: _host(name) for name in WORKERS}
+    hosts = {name: inventory_host(name) for name in WORKERS}
     stuck_host = hosts[WORKERS[-1]]
     before = {name: _main_pids(host) for name, host in hosts.items()}
     stuck = "io-threads"
@@ -115,7 +112,7 @@ def test_a_blocked_worker_is_restarted_by_the_watchdog_and_the_busy_one_is_not()
     """cpu runs on worker1 only (routing table: hosts celery_cpu_workers): its prefork and its
     threads worker each take tasks that hold the GIL for 40 s. The threads worker's event loop
     stops with them; the prefork worker's children stop, its loop turns."""
-    host = _host(WORKERS[0])
+    host = inventory_host(WORKERS[0])
     before = _main_pids(host)
     watchdog = _watchdog_seconds(host, "cpu-threads")
     assert watchdog > 0
@@ -130,7 +127,7 @@ print([app.send_task("celery_stack_demo.tasks.hold_gil", (until,), queue="cpu").
 """
     host.check_output(f"cat > /root/hold.py <<'EOF'\n{sender}\nEOF")
     host.check_output("set -a; . /etc/celery-stack/celery.env; set +a; "
-                      "/opt/celery-stack/venv/bin/python /root/hold.py")
+                      f"{VENV_PYTHON} /root/hold.py")
     sent = time.time()
     # WatchdogSec after the last keep-alive, then TimeoutAbortSec (10 s) and the start
     window = watchdog + 10 + 60
@@ -175,7 +172,7 @@ print(cost(check), cost(ping))
     host.check_output(f"cat > /root/health-cost.py <<'EOF'\n{measure}\nEOF")
     check_cpu, ping_cpu = map(float, host.check_output(
         f"set -a; . /etc/celery-stack/celery.env; set +a; "
-        f"/opt/celery-stack/venv/bin/python /root/health-cost.py '{argv}' {node}").split())
+        f"{VENV_PYTHON} /root/health-cost.py '{argv}' {node}").split())
     count = len(_instances(host))
     print(f"\n{host.check_output('hostname')}: one health check of its {count} instances {check_cpu:.2f} s CPU; "
           f"`celery inspect ping` per instance {ping_cpu:.2f} s CPU, x {count} = {ping_cpu * count:.2f} s "

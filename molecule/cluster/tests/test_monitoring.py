@@ -21,17 +21,22 @@ that has the groups:
 """
 
 import json
+import pathlib
 import re
+import sys
 import time
 import uuid
 
 import pytest
 import testinfra
 
-# Under Molecule: the Flower hosts; with --hosts: every host, the others skip.
-testinfra_hosts = ["ansible://celery_flower"]
+# The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from stack_hosts import INVENTORY, VENV_PYTHON  # noqa: E402
 
-VENV_PYTHON = "/opt/celery-stack/venv/bin/python"
+# Under Molecule: the Flower hosts; with --hosts: every host, the others skip.
+testinfra_hosts = ["ansible://celery_flower"] if INVENTORY else []
+
 CONFIG_DIR = "/etc/celery-stack"
 FLOWER_UNIT = "celery-flower.service"
 FLOWER_USER = "celery-flower"

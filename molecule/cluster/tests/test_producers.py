@@ -14,27 +14,23 @@ checked by behaviour from that host, as the web app's own account:
 """
 
 import json
-import os
+import pathlib
+import sys
 import time
 
 import pytest
-import testinfra
-import testinfra.utils.ansible_runner
 
-INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
-PRODUCERS = RUNNER.get_hosts("celery_producers")
-BROKERS = RUNNER.get_hosts("rabbitmq")
-VENV_PYTHON = "/opt/celery-stack/venv/bin/python"
+# The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from stack_hosts import RUNNER, VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
+
+PRODUCERS = group_hosts("celery_producers")
+BROKERS = group_hosts("rabbitmq")
 CONFIG_DIR = "/etc/celery-stack"
 APP_USER = "web"  # inventories/local/group_vars/celery_producers.yml
 VHOST = "celery"
 
 testinfra_hosts = [f"ansible://{name}" for name in PRODUCERS]
-
-
-def _host(name):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
 
 
 def _as_app(host, script, *args):
@@ -44,7 +40,7 @@ def _as_app(host, script, *args):
 
 
 def test_the_inventory_has_a_producer_that_is_not_a_worker():
-    assert PRODUCERS and not set(PRODUCERS) & set(RUNNER.get_hosts("celery_workers"))
+    assert PRODUCERS and not set(PRODUCERS) & set(group_hosts("celery_workers"))
 
 
 def test_a_producer_host_runs_no_worker(host):
@@ -184,7 +180,8 @@ except urllib.error.HTTPError as error:
 
 def test_the_producer_user_has_no_management_access():
     password = RUNNER.get_variables(PRODUCERS[0])["celery_stack_producer_password"]
-    answer = json.loads(_host(BROKERS[0]).check_output("python3 -c %s %s %s", WHOAMI, "celery-producer", password))
+    broker = inventory_host(BROKERS[0])
+    answer = json.loads(broker.check_output("python3 -c %s %s %s", WHOAMI, "celery-producer", password))
     assert answer["status"] == 401 and "Not management user" in answer["body"], answer
 
 
@@ -208,6 +205,6 @@ except Exception as error:
 def test_an_unrouted_producer_is_refused_not_left_pending(host):
     out = _as_app(host, UNROUTED)
     assert "refused" in out and "ACCESS_REFUSED" in out["refused"], out
-    queues = _host(BROKERS[0]).check_output("rabbitmqctl -q list_queues -p %s name --formatter json", VHOST)
+    queues = inventory_host(BROKERS[0]).check_output("rabbitmqctl -q list_queues -p %s name --formatter json", VHOST)
     assert "celery" not in {q["name"] for q in json.loads(queues)}
     print("\nunrouted producer:", out["refused"])

@@ -27,7 +27,7 @@ MAX_EXPOSURE = 2.5
 DEMO = "celery_stack_demo.tasks"
 
 # Under Molecule: the hosts of group celery_workers (directly: whatever host --hosts names).
-testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else None
+testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 
 
 def _groups(host):

@@ -15,7 +15,7 @@ from playbook_runs import REPO, run
 pytestmark = pytest.mark.skipif(
     not os.environ.get("MOLECULE_INVENTORY_FILE"), reason="needs the Molecule scenario's inventory"
 )
-testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else None
+testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 
 UNIT = "/etc/systemd/system/celery-beat.service"
 ASIDE = "/root/celery-beat.service.aside"

@@ -24,7 +24,7 @@ PYTHON = f"{VENV}/bin/python"
 PROBE_DIR = "/var/lib/celery-stack"
 POISON = "celery_stack_demo.tasks.cpu_poison"
 
-testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else None
+testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 
 SETUP = r"""
 import fnmatch, json, celery_stack_config as c

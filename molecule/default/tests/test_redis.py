@@ -41,7 +41,7 @@ RESULTS = (VARS["celery_stack_redis_results_user"], VARS["celery_stack_redis_res
 BROKER = (VARS["celery_stack_redis_broker_user"], VARS["celery_stack_redis_broker_password"])
 SECRETS = [ADMIN[1], RESULTS[1], BROKER[1]]
 
-testinfra_hosts = ["ansible://redis"] if os.environ.get("MOLECULE_INVENTORY_FILE") else None
+testinfra_hosts = ["ansible://redis"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 
 
 def cli(host, *args, user=None, password=None):

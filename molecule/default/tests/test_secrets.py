@@ -109,7 +109,7 @@ def test_a_refused_secret_is_not_shown(case):
     assert _leaked(out, given) == []
 
 
-testinfra_hosts = ["ansible://all"] if os.environ.get("MOLECULE_INVENTORY_FILE") else None
+testinfra_hosts = ["ansible://all"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 
 # Trees that hold only what packages installed, or no files at all.
 NOT_SEARCHED = ("/proc", "/sys", "/dev", "/usr", "/var/lib/apt", "/var/cache/apt", "/var/lib/dpkg")

@@ -10,18 +10,17 @@ host (a producer: it runs no worker), as the web app's own account:
 """
 
 import json
-import os
+import pathlib
+import sys
 import time
 import uuid
 
-import testinfra
-import testinfra.utils.ansible_runner
+# The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
+from stack_hosts import VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
 
-INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY)
-WEB = RUNNER.get_hosts("celery_producers")
-WORKERS = RUNNER.get_hosts("celery_workers")
-VENV_PYTHON = "/opt/celery-stack/venv/bin/python"
+WEB = group_hosts("celery_producers")
+WORKERS = group_hosts("celery_workers")
 APP_USER = "web"
 
 testinfra_hosts = [f"ansible://{name}" for name in WEB]
@@ -46,10 +45,6 @@ row = TaskResult.objects.get(task_id=sys.argv[1])
 print(json.dumps({"status": row.status, "task_name": row.task_name, "worker": row.worker,
                   "result": json.loads(row.result)}))
 """
-
-
-def _host(name):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
 
 
 def _as_app(host, script, *args):
@@ -84,7 +79,7 @@ def test_a_periodic_task_in_the_database_is_run_by_the_workers(host):
 
 
 def test_workers_and_beat_run_with_the_apps_environment():
-    worker = _host(WORKERS[0])
+    worker = inventory_host(WORKERS[0])
     assert worker.service("celery-beat.service").is_running
     pid = worker.check_output("systemctl show -p MainPID --value celery-beat.service")
     environ = worker.check_output("tr '\\0' '\\n' < /proc/%s/environ", pid).splitlines()

@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "default" / "tests"))
 from playbook_runs import assert_refused_in_preflight, run  # noqa: E402
 
-testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else None
+testinfra_hosts = ["ansible://celery_workers"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 BIN = pathlib.Path(sys.executable).parent
 DEPLOY = "deploy"
 # A sudo log line of a module ansible ran as root for deploy (sudo logs the whole command).
