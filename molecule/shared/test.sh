@@ -26,6 +26,7 @@ all_scenarios=(ssh@12 default@13 cluster@13 django@13)
 lint() {
   echo "[test] yamllint"; yamllint --strict .
   echo "[test] ansible-lint (production profile)"; ansible-lint
+  echo "[test] Markdown links and anchors"; python3 molecule/shared/check_links.py .
   # Every shipped inventory parses completely (a stray file in an inventory directory is an
   # inventory source to Ansible) and site.yml lists its hosts against it.
   for inventory in inventories/*/; do
