@@ -25,6 +25,8 @@ import pathlib
 import re
 
 import yaml
+from ansible_collections.celery_stack.core.plugins.module_utils.stack_description import (
+    DEAD_LETTER_SUFFIX, POOLS, WORKER_GROUP)
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
@@ -193,7 +195,7 @@ def stack_problems(stack, groups):
     backend = stack.get("celery_stack_result_backend", "redis")
     producers = list(groups.get("celery_producers", []))
 
-    both = [h for h in groups.get("celery_workers", []) if h in producers]
+    both = [h for h in groups.get(WORKER_GROUP, []) if h in producers]
     if both:
         found.append(f"{', '.join(both)}: in both groups celery_workers and celery_producers. A worker host "
                      "already sends tasks with the workers' settings; a producer host runs no worker and gets "
@@ -308,9 +310,9 @@ def route_pattern_problems(queues):
         if name.startswith("amq."):
             found.append(f"celery_stack_queues[{index}].name {name!r}: RabbitMQ keeps names starting with amq. for "
                          "itself (declaring one is refused); choose another name")
-        if name.endswith(".dead-letter") and name[:-len(".dead-letter")] in names:
+        if name.endswith(DEAD_LETTER_SUFFIX) and name[:-len(DEAD_LETTER_SUFFIX)] in names:
             found.append(f"celery_stack_queues[{index}].name {name!r} is the dead-letter queue of queue "
-                         f"{name[:-len('.dead-letter')]} (poison tasks go there): choose another name")
+                         f"{name[:-len(DEAD_LETTER_SUFFIX)]} (poison tasks go there): choose another name")
         if not isinstance(queue.get("tasks"), list):
             continue
         for pattern in queue["tasks"]:
@@ -650,7 +652,7 @@ def worker_problems(settings):
     if not isinstance(defaults, dict) or any(not isinstance(v, dict) for v in defaults.values()):
         return [f"celery_worker_pool_defaults must be a mapping of pool name to its settings ({{prefork: "
                 f"{{concurrency: 4}}, threads: {{concurrency: 8}}}}), got a {_kind(defaults)}"]
-    for pool in ("prefork", "threads"):
+    for pool in POOLS:
         concurrency = (defaults.get(pool) or {}).get("concurrency", 1)
         if (_int(concurrency) or 0) < 1:
             found.append(f"celery_worker_pool_defaults.{pool}.concurrency must be at least 1, got {concurrency!r}")
