@@ -26,7 +26,7 @@ import re
 
 import yaml
 from ansible_collections.celery_stack.core.plugins.module_utils.stack_description import (
-    DEAD_LETTER_SUFFIX, POOLS, WORKER_GROUP)
+    DEAD_LETTER_SUFFIX, POOLS, WORKER_GROUP, as_bool)
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
@@ -347,8 +347,10 @@ def environment_problems(name, environment):
     return found
 
 
-def app_problems(app):
-    """The celery_app_* variables as the inventory gives them (name -> value)."""
+def app_problems(app, quorum=None):
+    """The celery_app_* variables as the inventory gives them (name -> value). quorum: the
+    stack's decision on the routed queues' type (celery_stack__quorum_queues), which
+    celery_app_broker.quorum may repeat but not contradict."""
     found = []
     for name in ("celery_app_user", "celery_app_group"):
         value = app.get(name)
@@ -399,6 +401,13 @@ def app_problems(app):
                      "(celery_stack_redis_results_user and _password)")
     if backend.get("type") == "rpc" and broker.get("type") != "rabbitmq":
         found.append("celery_app_result_backend of type rpc needs the RabbitMQ broker")
+    if quorum is not None and broker.get("type") == "rabbitmq" \
+            and as_bool(broker.get("quorum"), as_bool(quorum)) != as_bool(quorum):
+        found.append(f"celery_app_broker.quorum is {broker['quorum']!r}, but the stack's routed queues are "
+                     f"{'quorum' if as_bool(quorum) else 'classic'} queues (celery_stack_quorum_queues; unset: quorum "
+                     "with more than one host in the group rabbitmq): the workers declare the queues of the one "
+                     "table the brokers check. Set celery_stack_quorum_queues (or a queue's queue_type) and leave "
+                     "celery_app_broker.quorum out")
     found += _at_least(app, "celery_app_prefetch_multiplier", 1)
     found += _at_least(app, "celery_app_task_worker_lost_limit", 0)
     found += _at_least(app, "celery_app_releases_kept", 1)
