@@ -17,7 +17,7 @@ from celery import Celery
 ROLE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROLE.parents[1] / "collections"))
 
-from ansible_collections.celery_stack.core.plugins.filter import stack  # noqa: E402
+from ansible_collections.celery_stack.core.plugins.filter import routing  # noqa: E402
 
 TABLE = [
     {"name": "io", "tasks": ["acme.tasks.crawl*"]},
@@ -34,8 +34,8 @@ def deployed(tmp_path, monkeypatch):
         python.mkdir(exist_ok=True)
         for name in ("celery_stack_config.py", "celery_stack_app.py"):
             shutil.copy(ROLE / "files/etc/celery-stack/python" / name, python / name)
-        table = stack.routing_table(TABLE, "rabbitmq", quorum)
-        settings = stack.celery_settings(table, "", "rabbitmq", {"task_acks_late": True, **(extra or {})})
+        table = routing.routing_table(TABLE, "rabbitmq", quorum)
+        settings = routing.celery_settings(table, "", "rabbitmq", {"task_acks_late": True, **(extra or {})})
         (python / "celery_stack_config.json").write_text(json.dumps({
             "app_module": "acme_app:app",
             "broker_type": "rabbitmq",

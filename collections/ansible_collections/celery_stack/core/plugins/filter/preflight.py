@@ -25,6 +25,8 @@ import pathlib
 import re
 
 import yaml
+from ansible_collections.celery_stack.core.plugins.module_utils.stack_description import (
+    DEAD_LETTER_SUFFIX, POOLS, WORKER_GROUP, as_bool)
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
@@ -193,7 +195,7 @@ def stack_problems(stack, groups):
     backend = stack.get("celery_stack_result_backend", "redis")
     producers = list(groups.get("celery_producers", []))
 
-    both = [h for h in groups.get("celery_workers", []) if h in producers]
+    both = [h for h in groups.get(WORKER_GROUP, []) if h in producers]
     if both:
         found.append(f"{', '.join(both)}: in both groups celery_workers and celery_producers. A worker host "
                      "already sends tasks with the workers' settings; a producer host runs no worker and gets "
@@ -308,9 +310,9 @@ def route_pattern_problems(queues):
         if name.startswith("amq."):
             found.append(f"celery_stack_queues[{index}].name {name!r}: RabbitMQ keeps names starting with amq. for "
                          "itself (declaring one is refused); choose another name")
-        if name.endswith(".dead-letter") and name[:-len(".dead-letter")] in names:
+        if name.endswith(DEAD_LETTER_SUFFIX) and name[:-len(DEAD_LETTER_SUFFIX)] in names:
             found.append(f"celery_stack_queues[{index}].name {name!r} is the dead-letter queue of queue "
-                         f"{name[:-len('.dead-letter')]} (poison tasks go there): choose another name")
+                         f"{name[:-len(DEAD_LETTER_SUFFIX)]} (poison tasks go there): choose another name")
         if not isinstance(queue.get("tasks"), list):
             continue
         for pattern in queue["tasks"]:
@@ -345,8 +347,10 @@ def environment_problems(name, environment):
     return found
 
 
-def app_problems(app):
-    """The celery_app_* variables as the inventory gives them (name -> value)."""
+def app_problems(app, quorum=None):
+    """The celery_app_* variables as the inventory gives them (name -> value). quorum: the
+    stack's decision on the routed queues' type (celery_stack__quorum_queues), which
+    celery_app_broker.quorum may repeat but not contradict."""
     found = []
     for name in ("celery_app_user", "celery_app_group"):
         value = app.get(name)
@@ -397,6 +401,13 @@ def app_problems(app):
                      "(celery_stack_redis_results_user and _password)")
     if backend.get("type") == "rpc" and broker.get("type") != "rabbitmq":
         found.append("celery_app_result_backend of type rpc needs the RabbitMQ broker")
+    if quorum is not None and broker.get("type") == "rabbitmq" \
+            and as_bool(broker.get("quorum"), as_bool(quorum)) != as_bool(quorum):
+        found.append(f"celery_app_broker.quorum is {broker['quorum']!r}, but the stack's routed queues are "
+                     f"{'quorum' if as_bool(quorum) else 'classic'} queues (celery_stack_quorum_queues; unset: quorum "
+                     "with more than one host in the group rabbitmq): the workers declare the queues of the one "
+                     "table the brokers check. Set celery_stack_quorum_queues (or a queue's queue_type) and leave "
+                     "celery_app_broker.quorum out")
     found += _at_least(app, "celery_app_prefetch_multiplier", 1)
     found += _at_least(app, "celery_app_task_worker_lost_limit", 0)
     found += _at_least(app, "celery_app_releases_kept", 1)
@@ -650,7 +661,7 @@ def worker_problems(settings):
     if not isinstance(defaults, dict) or any(not isinstance(v, dict) for v in defaults.values()):
         return [f"celery_worker_pool_defaults must be a mapping of pool name to its settings ({{prefork: "
                 f"{{concurrency: 4}}, threads: {{concurrency: 8}}}}), got a {_kind(defaults)}"]
-    for pool in ("prefork", "threads"):
+    for pool in POOLS:
         concurrency = (defaults.get(pool) or {}).get("concurrency", 1)
         if (_int(concurrency) or 0) < 1:
             found.append(f"celery_worker_pool_defaults.{pool}.concurrency must be at least 1, got {concurrency!r}")

@@ -182,6 +182,20 @@ def test_a_valid_app_has_no_problem():
                                        celery_app_services=["gunicorn.service"])) == []
 
 
+def test_a_broker_quorum_that_contradicts_the_stacks_queue_types_is_refused():
+    # The workers declare the stack's one typed table, the one the brokers check: an app-level
+    # quorum may repeat the stack's decision (quorum, the second argument), not contradict it.
+    with_quorum = dict(APP, celery_app_broker=dict(APP["celery_app_broker"], quorum=False))
+    one(preflight.app_problems(with_quorum, True),
+        "celery_app_broker.quorum is False, but the stack's routed queues are quorum queues "
+        "(celery_stack_quorum_queues; unset: quorum with more than one host in the group rabbitmq)")
+    assert preflight.app_problems(with_quorum, False) == []
+    assert preflight.app_problems(with_quorum, "False") == []  # a templated bool arrives as a string
+    assert preflight.app_problems(APP, True) == preflight.app_problems(APP, False) == []  # quorum left out
+    redis = dict(APP, celery_app_broker=dict(APP["celery_app_broker"], type="redis", quorum=True))
+    assert preflight.app_problems(redis, False) == []  # no queue types on Redis
+
+
 # --- RabbitMQ --------------------------------------------------------------------------------
 
 RABBITMQ = {"rabbitmq_repository_preset": "team", "rabbitmq_version": "4.1.*", "rabbitmq_erlang_version": "1:27.*",

@@ -1,0 +1,147 @@
+# -*- coding: utf-8 -*-
+"""The broker's side of the stack (RabbitMQ): users' permissions, queue checks, policies, nodes.
+
+- ``producer_permissions``: the RabbitMQ permissions of the producers' user (least privilege);
+- ``queue_type_changes``: the routed queues the broker holds with another type or maximum
+  priority than the routing table's;
+- ``dead_letter_policies``, ``stale_dead_letter_policies``: the policies that dead-letter the
+  routed queues, and those of queues that left the table;
+- ``rabbitmq_nodes``: the cluster's node names.
+
+Nothing here touches a host. Unit tests: tests/unit/plugins/filter/test_rabbitmq.py.
+"""
+
+import json
+import re
+
+from ansible.errors import AnsibleFilterError
+from ansible_collections.celery_stack.core.plugins.module_utils.stack_description import PRODUCER_CONTROL_EXCHANGE
+
+
+# UUIDs: the reply queues of the rpc result backend (one per client, named by its thread oid).
+UUID_QUEUE = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def producer_permissions(table, result_backend="redis", events=False):
+    """RabbitMQ permissions (configure, write, read regexes) of the producers' user: publish to
+    the routed queues' exchanges and nothing more.
+
+    - write: the exchanges of the routed queues (named like the queues), and with quorum queues
+      Celery's delayed-delivery exchanges (celery_delayed_<level>: countdown/ETA tasks);
+    - configure: nothing (but the celeryev exchange, see below). The producers' settings never
+      declare (the workers declare the queues),
+      so an application that ignores the routing table and publishes to Celery's default queue
+      `celery` is refused (ACCESS_REFUSED raised by .delay()) instead of creating a queue that no
+      worker consumes, where its tasks would stay PENDING for ever;
+    - read: nothing, so a producer cannot consume (take) tasks;
+    - revoke(): configure and write on the producers' mailbox exchange
+      (PRODUCER_CONTROL_EXCHANGE.pidbox, declared before each command), where workers accept
+      revoke and nothing else. Other remote control (inspect, ping) needs a reply queue to read:
+      refused.
+    With the rpc result backend the client declares and reads its own reply queue (a UUID). With
+    task events on (monitoring), the producer publishes task-sent events to the celeryev exchange,
+    which Celery declares before its first event on a connection (configure on that exchange
+    only: refused, the broker closes the channel and the event is lost).
+    """
+    names = [re.escape(entry["name"]) for entry in table]
+    if events:
+        names.append("celeryev")
+    if any(entry.get("queue_type") == "quorum" for entry in table):
+        names.append("celery_delayed_[0-9]+")
+    mailbox = re.escape(f"{PRODUCER_CONTROL_EXCHANGE}.pidbox")
+    names.append(mailbox)
+    replies = [UUID_QUEUE] if result_backend == "rpc" else []
+    declared = replies + (["celeryev"] if events else []) + [mailbox]
+    return {"configure": f"^({'|'.join(declared)})$",
+            "write": f"^({'|'.join(names)})$",
+            "read": f"^({'|'.join(replies)})$" if replies else "^$"}
+
+
+def queue_type_changes(wanted, listings):
+    """The routed queues that exist on the broker with another type or maximum priority than the
+    table's: RabbitMQ refuses to redeclare a queue with other arguments (PRECONDITION_FAILED).
+
+    wanted: rabbitmq_stack_queues ({vhost, name, queue_type, max_priority}); listings: the
+    registered results of `rabbitmqctl list_queues -p VHOST name type arguments --formatter json`,
+    one per vhost (item = vhost). Each change: the queue with existing and wanted, in the same
+    words ("a classic queue", "a classic queue with max_priority 10", "a quorum queue").
+    """
+    def words(queue_type, max_priority):
+        return f"a {queue_type} queue" + (f" with max_priority {max_priority}" if max_priority else "")
+
+    existing = {(result["item"], queue["name"]): queue for result in listings
+                for queue in json.loads(result["stdout"] or "[]")}
+    changes = []
+    for queue in wanted:
+        found = existing.get((queue["vhost"], queue["name"]))
+        if found is None:
+            continue
+        arguments = found.get("arguments") or {}
+        if isinstance(arguments, list):  # rabbitmqctl's JSON: [[name, type, value], ...]
+            arguments = {argument[0]: argument[-1] for argument in arguments}
+        have = words(found["type"], arguments.get("x-max-priority"))
+        want = words(queue["queue_type"], queue.get("max_priority"))
+        if have != want:
+            changes.append(dict(queue, existing=have, wanted=want))
+    return changes
+
+
+# Poison tasks (celery_stack_worker.py, section "Poison tasks"): the exchange the workers declare
+# (with the queues <queue>.dead-letter: DEAD_LETTER_SUFFIX), and the policy that makes RabbitMQ
+# dead-letter into them.
+DEAD_LETTER_EXCHANGE = "celery-stack.dead-letter"
+# The name of each queue's policy: this prefix and the queue's name.
+DEAD_LETTER_POLICY_PREFIX = "celery-stack-dead-letter-"
+
+
+def dead_letter_policies(queues, delivery_limit=20, priority=0):
+    """One RabbitMQ policy per routed queue ({vhost, name, pattern, tags, priority}, for
+    community.rabbitmq.rabbitmq_policy): a message rejected without requeue (a poison task at the
+    workers' limit, an unknown task) or over a quorum queue's delivery limit goes to the
+    dead-letter exchange with the queue's name as routing key, so into <queue>.dead-letter.
+
+    queues: rabbitmq_stack_queues ({vhost, name, queue_type}). delivery-limit on quorum queues
+    only (classic queues have none): a safety net above the workers' own limit, for deaths the
+    workers cannot count (the whole worker process killed). The pattern is the exact name, so it
+    never matches the dead-letter queue itself. RabbitMQ applies ONE policy per queue (the
+    highest priority): another policy matching a routed queue must carry these keys too.
+    """
+    if int(delivery_limit) < 1:
+        raise AnsibleFilterError(f"the quorum delivery limit must be at least 1, got {delivery_limit!r}")
+    policies = []
+    for queue in queues:
+        tags = {"dead-letter-exchange": DEAD_LETTER_EXCHANGE, "dead-letter-routing-key": queue["name"]}
+        if queue.get("queue_type") == "quorum":
+            tags["delivery-limit"] = int(delivery_limit)
+        policies.append({"vhost": queue["vhost"], "name": f"{DEAD_LETTER_POLICY_PREFIX}{queue['name']}",
+                         "pattern": f"^{re.escape(queue['name'])}$", "tags": tags, "priority": str(int(priority))})
+    return policies
+
+
+def stale_dead_letter_policies(listings, wanted):
+    """The dead-letter policies of this bundle ({vhost, name}) that exist on the broker but are no
+    longer wanted (their queue left the routing table). listings: the registered results of
+    `rabbitmqctl list_policies -p VHOST --formatter json`, one per vhost (item = vhost)."""
+    keep = {(policy["vhost"], policy["name"]) for policy in wanted}
+    return [{"vhost": result["item"], "name": policy["name"]} for result in listings
+            for policy in json.loads(result["stdout"] or "[]")
+            if policy["name"].startswith(DEAD_LETTER_POLICY_PREFIX) and (result["item"], policy["name"]) not in keep]
+
+
+def rabbitmq_nodes(hosts, hostvars):
+    """Node names as RabbitMQ names them: rabbit@<short host name> (from the facts the preflight
+    gathered; without them, e.g. under --limit, from the inventory name)."""
+    nodes = []
+    for h in hosts:
+        name = hostvars[h].get("rabbitmq_nodename") or "rabbit"
+        if "@" not in name:
+            facts = hostvars[h].get("ansible_facts") or {}
+            name = f"{name}@{facts.get('hostname') or h.split('.')[0]}"
+        nodes.append(name)
+    return nodes
+
+
+class FilterModule:
+    def filters(self):
+        return {f.__name__: f for f in (
+            producer_permissions, queue_type_changes, dead_letter_policies, stale_dead_letter_policies, rabbitmq_nodes)}
