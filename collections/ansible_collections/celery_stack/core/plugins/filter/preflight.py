@@ -35,6 +35,7 @@ PREFIXES = ("celery_stack_", "celery_app_", "celery_worker_", "celery_flower_", 
 RABBITMQ_TAGS = ("administrator", "monitoring", "policymaker", "management", "impersonator")
 RABBITMQ_USER = re.compile(r"^[A-Za-z0-9_.@-]+$")
 REDIS_USER = re.compile(r"^[A-Za-z0-9._-]+$")
+FLOWER_USER = re.compile(r"^[^:,\s]+$")
 # Account names useradd accepts on Debian without --badname (and no more than 32 characters).
 ACCOUNT = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -132,6 +133,19 @@ def _absolute_paths(settings, names):
     return found
 
 
+def _named_entries(entries, variable, pattern, what):
+    """Each entry of a list of named users with its index, name, the place messages name
+    (`variable[i] (name)`) and the problems of its name: valid, and given once in the list."""
+    names = [e.get("name") for e in entries or []]
+    for index, entry in enumerate(entries or []):
+        name = entry.get("name")
+        where = f"{variable}[{index}] ({name})"
+        found = _name_problems(f"{variable}[{index}].name", name, pattern, what)
+        if names.count(name) > 1 and names.index(name) < index:
+            found.append(f"{where}: the name appears twice in {variable}")
+        yield index, entry, name, where, found
+
+
 def _config_problems(name, mapping, key_pattern, what):
     """A mapping rendered one `key = value` (or KEY=value) line each."""
     if not isinstance(mapping, dict):
@@ -144,7 +158,8 @@ def _config_problems(name, mapping, key_pattern, what):
             found.append(f"{name}.{key} must be a single value (a string, number or boolean), got a "
                          f"{_kind(value)}")
         elif value is not None and re.search(r"[\n\r\x00]", str(value)):
-            found.append(f"{name}.{key} contains a line break: each setting is one line")
+            found.append(f"{name}.{key} contains a line break: each setting is one line (a YAML block scalar "
+                         "adds a final newline: use |- or quotes)")
     return found
 
 
@@ -332,19 +347,8 @@ def route_pattern_problems(queues):
 
 def environment_problems(name, environment):
     """An environment mapping written into a systemd EnvironmentFile: NAME=value lines."""
-    if not isinstance(environment, dict):
-        return [f"{name} must be a mapping of NAME: value, got a {_kind(environment)}"]
-    found = []
-    for key, value in environment.items():
-        if not isinstance(key, str) or not ENV_KEY.match(key):
-            found.append(f"{name}: {key!r} is not an environment variable name (letters, digits and _, not "
-                         "starting with a digit)")
-        if isinstance(value, (dict, list)):
-            found.append(f"{name}.{key} must be a string or a number, got a {_kind(value)}")
-        elif value is not None and re.search(r"[\n\r\x00]", str(value)):
-            found.append(f"{name}.{key} contains a line break: an environment file holds one variable per line "
-                         "(a YAML block scalar adds a final newline: use |- or quotes)")
-    return found
+    return _config_problems(name, environment, ENV_KEY.pattern, "an environment variable name (letters, digits "
+                            "and _, not starting with a digit)")
 
 
 def app_problems(app, quorum=None):
@@ -527,14 +531,9 @@ def rabbitmq_user_problems(users, vhosts, reserved=(), remove_guest=True):
     stack_problems). vhosts: every vhost the broker gets, "/" included. reserved: the names of
     the stack's own users."""
     found = []
-    names = [u.get("name") for u in users or []]
-    for index, user in enumerate(users or []):
-        name = user.get("name")
-        where = f"rabbitmq_users[{index}] ({name})"
-        found += _name_problems(f"rabbitmq_users[{index}].name", name, RABBITMQ_USER,
-                                "RabbitMQ user name (letters, digits, _ . @ -)")
-        if names.count(name) > 1 and names.index(name) < index:
-            found.append(f"{where}: the name appears twice in rabbitmq_users")
+    for _, user, name, where, name_problems in _named_entries(users, "rabbitmq_users", RABBITMQ_USER,
+                                                              "RabbitMQ user name (letters, digits, _ . @ -)"):
+        found += name_problems
         if name in reserved:
             found.append(f"{where}: the name is already one of the stack's users (celery_stack_broker_user, "
                          "celery_stack_producer_user): give it another name")
@@ -626,19 +625,14 @@ def redis_user_problems(users, presets, admin="admin", reserved=()):
              for variable, name in sorted((reserved or {}).items()) if name == admin]
     admin_in_list = [i for i, u in enumerate(users or []) if u.get("name") == admin]
     found += [f"redis_users[{i}] ({admin}): the name is redis_admin_user's: use another name" for i in admin_in_list]
-    names = [u.get("name") for u in users or []]
-    for index, user in enumerate(users or []):
-        name = user.get("name")
-        where = f"redis_users[{index}] ({name})"
-        found += _name_problems(f"redis_users[{index}].name", name, REDIS_USER,
-                                "Redis ACL user name (letters, digits, . _ -)")
+    for _, user, name, where, name_problems in _named_entries(users, "redis_users", REDIS_USER,
+                                                              "Redis ACL user name (letters, digits, . _ -)"):
+        found += name_problems
         if name == "default":
             found.append(f"{where}: the name is Redis's default user (switched off): use another name")
         taken = [variable for variable, value in sorted((reserved or {}).items()) if value == name]
         if taken:
             found.append(f"{where}: the name is already the stack's user ({taken[0]}): give it another name")
-        if names.count(name) > 1 and names.index(name) < index:
-            found.append(f"{where}: the name appears twice in redis_users")
         found += secret_problems(f"{where}.password", user.get("password"), 16)
         if "preset" in user and user["preset"] not in presets:
             found.append(f"{where}.preset {user['preset']!r} is not one of redis_acl_presets: "
@@ -704,15 +698,10 @@ def flower_problems(settings, monitoring=False):
     users = settings.get("celery_flower_users") or []
     if monitoring and not users:
         found.append("celery_flower_users needs at least one ops user when celery_stack_monitoring is on")
-    names = [u.get("name") for u in users]
-    for index, user in enumerate(users):
-        name = user.get("name")
-        where = f"celery_flower_users[{index}] ({name})"
-        if not isinstance(name, str) or not name or re.search(r"[:,\s]", name):
-            found.append(f"celery_flower_users[{index}].name {name!r}: a name without ':', ',' or spaces (Flower "
-                         "reads the users as name:password,...)")
-        if names.count(name) > 1 and names.index(name) < index:
-            found.append(f"{where}: the name appears twice in celery_flower_users")
+    for _, user, _, where, name_problems in _named_entries(
+            users, "celery_flower_users", FLOWER_USER,
+            "Flower user name (without ':', ',' or spaces: Flower reads the users as name:password,...)"):
+        found += name_problems
         found += secret_problems(f"{where}.password", user.get("password"), 12)
         if isinstance(user.get("password"), str) and re.search(r"[:,]", user["password"]):
             found.append(f"{where}.password contains ':' or ',': Flower reads the users as name:password,...")
