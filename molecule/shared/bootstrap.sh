@@ -39,12 +39,26 @@ if ! docker info >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
   fi
   if ! docker info >/dev/null 2>&1; then
+    # Pid files left by an engine that was killed without its shutdown (a machine snapshot, a
+    # SIGKILL) name pids that may belong to other processes by now: dockerd then waits for a
+    # containerd that is not there (76 s measured) or refuses to start. With no engine running,
+    # they are stale by definition.
+    if ! pgrep -x dockerd >/dev/null && ! pgrep -x containerd >/dev/null; then
+      as_root rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid
+    fi
     say "starting dockerd (log: $cache/dockerd.log)"
     as_root dockerd >"$cache/dockerd.log" 2>&1 &
     DOCKERD_STARTED_PID=$!
     echo "$DOCKERD_STARTED_PID" >"$cache/dockerd.pid"
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-    docker info >/dev/null 2>&1 || die "dockerd did not answer within 30 s; see $cache/dockerd.log"
+    for _ in $(seq 240); do
+      docker info >/dev/null 2>&1 && break
+      kill -0 "$DOCKERD_STARTED_PID" 2>/dev/null || break
+      sleep 0.5
+    done
+    if ! docker info >/dev/null 2>&1; then
+      tail -n 20 "$cache/dockerd.log" >&2 || true
+      die "dockerd did not answer within 120 s (or exited); the end of its log is above, all of it in $cache/dockerd.log"
+    fi
   fi
 fi
 command -v debootstrap >/dev/null || { is_debian && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; } \
