@@ -3,7 +3,7 @@
 
     - name: Write the role's directories and files
       celery_stack.core.files:
-        dirs:  [{path, owner, group, mode}, ...]               # owner/group default root
+        dirs:  [{path, owner, group, mode}, ...]               # owner/group: default root, null unmanaged
         files: [{dest, content, owner, group, mode, restarts, secret}, ...]
       register: role__files
       notify: ...

@@ -1,16 +1,11 @@
 # -*- coding: utf-8 -*-
-"""One pass over a host's state: read it once, change only what differs.
+"""What a host already has, read once, so a run that changes nothing costs few remote calls.
 
-A template or file task costs a module run on the host even when nothing changes (it has to
-stat the destination). A role reads the state of all its paths with ONE ansible.builtin.find
-(get_checksum) instead, and guards each write with ``stale``: a path is written when it is
-missing or its content (sha1 of what the template renders on the controller), owner, group or
-mode differ. A guard that cannot tell (a path the find did not report) lets the real task run,
-which then decides as usual: the guard can only save work, never skip a needed change.
+Writing files is the action celery_stack.core.files' business (plugins/action/files.py); these
+filters answer the other questions a role asks before it acts:
 
-- ``path_states``: the find result as {path: state};
-- ``stale``: whether one path needs its task;
-- ``find_args``: the directories and name patterns that make find report a set of paths;
+- ``find_args`` (the action's own) and ``path_states``: which of a set of paths exist, from one
+  ansible.builtin.find (a dry run must not start a unit that is not written yet);
 - ``tree_digest``: one checksum for a directory tree on the controller (the application source);
 - ``unit_states``: ``systemctl show`` output as {unit: {ActiveState, UnitFileState, ...}};
 - ``packages_to_install``: the packages that dpkg does not show installed at the wanted version.
@@ -19,35 +14,12 @@ which then decides as usual: the guard can only save work, never skip a needed c
 import fnmatch
 import hashlib
 import os
-import posixpath
+
+from ansible_collections.celery_stack.core.plugins.module_utils.managed_files import find_args
 
 
 def path_states(files):
     return {f["path"]: f for f in files}
-
-
-def stale(path, states, content=None, owner=None, group=None, mode=None):
-    """True when `path` must be (re)written: missing, another type, or content, owner, group or
-    mode differ (content None: a directory; owner, group, mode None: not managed)."""
-    state = states.get(path)
-    if state is None:
-        return True
-    if content is None:
-        if not state.get("isdir"):
-            return True
-    elif state.get("isdir") or state.get("checksum") != hashlib.sha1(str(content).encode("utf-8")).hexdigest():
-        return True
-    if (owner is not None and state.get("pw_name") != owner) or (group is not None and state.get("gr_name") != group):
-        return True
-    return mode is not None and state.get("mode", "").lstrip("0") != str(mode).lstrip("0")
-
-
-def find_args(paths):
-    """{paths, patterns} for ansible.builtin.find: every parent directory and every base name.
-    (find may then report a few more paths than asked for; they are never looked up.)"""
-    paths = [p.rstrip("/") for p in paths]
-    return {"paths": sorted({posixpath.dirname(p) for p in paths}),
-            "patterns": sorted({posixpath.basename(p) for p in paths})}
 
 
 def tree_digest(root):
@@ -98,4 +70,4 @@ def packages_to_install(dpkg_output, wanted):
 
 class FilterModule:
     def filters(self):
-        return {f.__name__: f for f in (path_states, stale, find_args, tree_digest, unit_states, packages_to_install)}
+        return {f.__name__: f for f in (path_states, find_args, tree_digest, unit_states, packages_to_install)}

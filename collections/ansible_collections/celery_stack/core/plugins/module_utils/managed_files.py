@@ -2,7 +2,8 @@
 """What the action celery_stack.core.files decides, as plain functions (unit-tested without a host).
 
 A role declares its directories and files once, each with its owner, group and mode (and, for a
-file, its content and what a change to it restarts). The action reads the state of all of them
+file, its content and what a change to it restarts). Owner and group default to root; None
+leaves them to whoever else manages them (a package that chowns its configuration directory). The action reads the state of all of them
 with ONE remote call (ansible.builtin.find with checksums), and ``plan`` says which paths differ
 and why; only those are written.
 """
@@ -42,10 +43,10 @@ def differences(entry, state, content=None):
             reasons.append("not a directory")
     elif state.get("isdir") or state.get("islnk") or state.get("checksum") != checksum(content):
         reasons.append("content")
-    if state.get("pw_name") != entry.get("owner", DEFAULT_OWNER):
-        reasons.append("owner")
-    if state.get("gr_name") != entry.get("group", DEFAULT_OWNER):
-        reasons.append("group")
+    for key, found in (("owner", "pw_name"), ("group", "gr_name")):
+        wanted = entry.get(key, DEFAULT_OWNER)
+        if wanted is not None and state.get(found) != wanted:
+            reasons.append(key)
     if "mode" in entry and _mode(state.get("mode", "")) != _mode(entry["mode"]):
         reasons.append("mode")
     return reasons

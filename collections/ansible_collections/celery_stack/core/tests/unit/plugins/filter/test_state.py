@@ -1,5 +1,5 @@
-"""Unit tests of the one-pass state helpers (plugins/filter/state.py): a guard may only skip a
-task when the host already has exactly what the task would write."""
+"""Unit tests of what a role reads before it acts (plugins/filter/state.py). find_args is the
+files action's own, tested with it (module_utils/test_managed_files.py)."""
 
 import hashlib
 import sys
@@ -8,33 +8,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[7]))
 
 from ansible_collections.celery_stack.core.plugins.filter import state  # noqa: E402
-
-CONTENT = "port 6379\n"
-STATES = state.path_states([
-    {"path": "/etc/app.conf", "isdir": False, "mode": "0640", "pw_name": "root", "gr_name": "celery",
-     "checksum": hashlib.sha1(CONTENT.encode()).hexdigest()},
-    {"path": "/etc/app", "isdir": True, "mode": "0750", "pw_name": "root", "gr_name": "celery"},
-])
-
-
-def test_stale_only_when_something_differs():
-    assert not state.stale("/etc/app.conf", STATES, CONTENT, "root", "celery", "0640")
-    assert not state.stale("/etc/app.conf", STATES, CONTENT, None, None, "640")  # unmanaged owner
-    assert state.stale("/etc/app.conf", STATES, CONTENT + "#", "root", "celery", "0640")
-    assert state.stale("/etc/app.conf", STATES, CONTENT, "celery", "celery", "0640")
-    assert state.stale("/etc/app.conf", STATES, CONTENT, "root", "root", "0640")
-    assert state.stale("/etc/app.conf", STATES, CONTENT, "root", "celery", "0644")
-    assert state.stale("/etc/missing", STATES, CONTENT)
-    # directories: content None
-    assert not state.stale("/etc/app", STATES, None, "root", "celery", "0750")
-    assert state.stale("/etc/app", STATES, CONTENT)       # a directory where a file belongs
-    assert state.stale("/etc/app.conf", STATES, None)     # a file where a directory belongs
-
-
-def test_find_args():
-    assert state.find_args(["/etc/app", "/etc/app/a.conf", "/var/lib/app/.marker"]) == {
-        "paths": ["/etc", "/etc/app", "/var/lib/app"], "patterns": [".marker", "a.conf", "app"]}
-
 
 def test_tree_digest_follows_content_and_mode(tmp_path):
     (tmp_path / "pkg").mkdir()

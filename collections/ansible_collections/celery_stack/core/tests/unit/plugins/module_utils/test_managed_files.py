@@ -52,6 +52,14 @@ def test_content_owner_and_group_differences():
     assert mf.plan([], [FILE], found)["files"] == [(FILE, ["content", "owner", "group"])]
 
 
+def test_an_owner_or_group_of_none_is_left_as_found():
+    """A package that chowns its configuration (RabbitMQ's /etc/rabbitmq) is not fought over."""
+    unmanaged = dict(FILE, owner=None, group=None)
+    found = [state(FILE["dest"], UNIT, owner="rabbitmq", group="rabbitmq")]
+    assert mf.plan([], [unmanaged], found)["files"] == []
+    assert mf.plan([], [dict(unmanaged, group="root")], found)["files"] == [(dict(unmanaged, group="root"), ["group"])]
+
+
 def test_a_file_where_a_directory_belongs_and_the_reverse():
     assert mf.plan([DIR], [], [state(DIR["path"], "x", group="celery", mode="0750")])["dirs"] == [
         (DIR, ["not a directory"])]
