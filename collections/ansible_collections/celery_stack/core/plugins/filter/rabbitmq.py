@@ -2,16 +2,24 @@
 """The broker's side of the stack (RabbitMQ): users' permissions, queue checks, policies, nodes.
 
 - ``producer_permissions``: the RabbitMQ permissions of the producers' user (least privilege);
+- ``user_permissions``: a user's permissions as the role sets them (a regex not given: "^$");
 - ``queue_type_changes``: the routed queues the broker holds with another type or maximum
   priority than the routing table's;
 - ``dead_letter_policies``, ``stale_dead_letter_policies``: the policies that dead-letter the
   routed queues, and those of queues that left the table;
+- ``users_to_set``, ``vhosts_to_create``, ``policies_to_set``: what differs between the
+  inventory and the broker, so a run that changes nothing runs no rabbitmqctl per user, vhost
+  or policy;
 - ``rabbitmq_nodes``: the cluster's node names.
+
+What the broker has comes from ONE read, ``rabbitmqctl export_definitions`` (its JSON, parsed:
+users with their password hashes, permissions, vhosts, policies, queues; tasks/definitions.yml).
 
 Nothing here touches a host. Unit tests: tests/unit/plugins/filter/test_rabbitmq.py.
 """
 
-import json
+import base64
+import hashlib
 import re
 
 from ansible.errors import AnsibleFilterError
@@ -57,29 +65,26 @@ def producer_permissions(table, result_backend="redis", events=False):
             "read": f"^({'|'.join(replies)})$" if replies else "^$"}
 
 
-def queue_type_changes(wanted, listings):
+def queue_type_changes(wanted, definitions):
     """The routed queues that exist on the broker with another type or maximum priority than the
     table's: RabbitMQ refuses to redeclare a queue with other arguments (PRECONDITION_FAILED).
 
-    wanted: rabbitmq_stack_queues ({vhost, name, queue_type, max_priority}); listings: the
-    registered results of `rabbitmqctl list_queues -p VHOST name type arguments --formatter json`,
-    one per vhost (item = vhost). Each change: the queue with existing and wanted, in the same
+    wanted: rabbitmq_stack_queues ({vhost, name, queue_type, max_priority}); definitions: the
+    broker's (export_definitions). Each change: the queue with existing and wanted, in the same
     words ("a classic queue", "a classic queue with max_priority 10", "a quorum queue").
     """
     def words(queue_type, max_priority):
         return f"a {queue_type} queue" + (f" with max_priority {max_priority}" if max_priority else "")
 
-    existing = {(result["item"], queue["name"]): queue for result in listings
-                for queue in json.loads(result["stdout"] or "[]")}
+    existing = {(queue["vhost"], queue["name"]): queue for queue in definitions.get("queues") or []}
     changes = []
     for queue in wanted:
         found = existing.get((queue["vhost"], queue["name"]))
         if found is None:
             continue
         arguments = found.get("arguments") or {}
-        if isinstance(arguments, list):  # rabbitmqctl's JSON: [[name, type, value], ...]
-            arguments = {argument[0]: argument[-1] for argument in arguments}
-        have = words(found["type"], arguments.get("x-max-priority"))
+        queue_type = found.get("type") or arguments.get("x-queue-type") or "classic"
+        have = words(queue_type, arguments.get("x-max-priority"))
         want = words(queue["queue_type"], queue.get("max_priority"))
         if have != want:
             changes.append(dict(queue, existing=have, wanted=want))
@@ -118,14 +123,86 @@ def dead_letter_policies(queues, delivery_limit=20, priority=0):
     return policies
 
 
-def stale_dead_letter_policies(listings, wanted):
+def stale_dead_letter_policies(definitions, wanted):
     """The dead-letter policies of this bundle ({vhost, name}) that exist on the broker but are no
-    longer wanted (their queue left the routing table). listings: the registered results of
-    `rabbitmqctl list_policies -p VHOST --formatter json`, one per vhost (item = vhost)."""
+    longer wanted (their queue left the routing table). definitions: the broker's."""
     keep = {(policy["vhost"], policy["name"]) for policy in wanted}
-    return [{"vhost": result["item"], "name": policy["name"]} for result in listings
-            for policy in json.loads(result["stdout"] or "[]")
-            if policy["name"].startswith(DEAD_LETTER_POLICY_PREFIX) and (result["item"], policy["name"]) not in keep]
+    return [{"vhost": policy["vhost"], "name": policy["name"]} for policy in definitions.get("policies") or []
+            if policy["name"].startswith(DEAD_LETTER_POLICY_PREFIX) and (policy["vhost"], policy["name"]) not in keep]
+
+
+def policies_to_set(definitions, wanted):
+    """The wanted policies (dead_letter_policies' shape, applied to queues) that the broker lacks
+    or holds with another pattern, definition or priority."""
+    existing = {(p["vhost"], p["name"]): p for p in definitions.get("policies") or []}
+    differ = []
+    for policy in wanted:
+        found = existing.get((policy["vhost"], policy["name"]))
+        if (found is None or found.get("pattern") != policy["pattern"] or found.get("apply-to") != "queues"
+                or found.get("definition") != policy["tags"] or int(found.get("priority", 0)) != int(policy["priority"])):
+            differ.append(policy)
+    return differ
+
+
+def vhosts_to_create(definitions, vhosts):
+    """The vhosts the broker does not have yet."""
+    have = {vhost["name"] for vhost in definitions.get("vhosts") or []}
+    return [vhost for vhost in vhosts if vhost not in have]
+
+
+def user_permissions(permissions):
+    """A user's permissions as the role sets them: every regex not given is "^$" (matches no
+    resource: least privilege). The users task and users_to_set both read this."""
+    return [dict({"configure": "^$", "write": "^$", "read": "^$"}, **entry) for entry in permissions or []]
+
+
+# RabbitMQ's password hashes: base64 of a 4-byte salt and the digest of salt + password.
+_HASHES = {"rabbit_password_hashing_sha256": hashlib.sha256, "rabbit_password_hashing_sha512": hashlib.sha512}
+
+
+def _password_matches(user, password):
+    digest = _HASHES.get(user.get("hashing_algorithm"))
+    try:
+        raw = base64.b64decode(user.get("password_hash") or "")
+    except ValueError:
+        return False
+    if digest is None or len(raw) < 5:
+        return False  # another algorithm: let the module find out (it authenticates)
+    salt = raw[:4]
+    return raw[4:] == digest(salt + str(password).encode("utf-8")).digest()
+
+
+def _tags(tags):
+    """Tags as a list (older brokers export them as one comma-separated string)."""
+    if isinstance(tags, str):
+        return [tag for tag in tags.split(",") if tag]
+    return list(tags or [])
+
+
+def users_to_set(definitions, users):
+    """The users ({name, password, tags, permissions}) whose state on the broker differs from the
+    inventory's: missing, another password, other tags, or other permissions (the role's list is
+    authoritative: a permission on a vhost not listed counts as a difference). Only these go
+    through community.rabbitmq.rabbitmq_user, which then sets what differs."""
+    have = {user["name"]: user for user in definitions.get("users") or []}
+    permissions = {}
+    for entry in definitions.get("permissions") or []:
+        permissions.setdefault(entry["user"], set()).add(
+            (entry["vhost"], entry["configure"], entry["write"], entry["read"]))
+    differ = []
+    for user in users:
+        found = have.get(user["name"])
+        wanted = {(p["vhost"], p["configure"], p["write"], p["read"]) for p in user_permissions(user.get("permissions"))}
+        if (found is None or not _password_matches(found, user.get("password", ""))
+                or sorted(_tags(found.get("tags"))) != sorted(_tags(user.get("tags")))
+                or permissions.get(user["name"], set()) != wanted):
+            differ.append(user)
+    return differ
+
+
+def user_names(definitions):
+    """The names of the broker's users."""
+    return [user["name"] for user in definitions.get("users") or []]
 
 
 def rabbitmq_nodes(hosts, hostvars):
@@ -144,4 +221,5 @@ def rabbitmq_nodes(hosts, hostvars):
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
-            producer_permissions, queue_type_changes, dead_letter_policies, stale_dead_letter_policies, rabbitmq_nodes)}
+            producer_permissions, user_permissions, queue_type_changes, dead_letter_policies, stale_dead_letter_policies,
+            policies_to_set, vhosts_to_create, users_to_set, user_names, rabbitmq_nodes)}

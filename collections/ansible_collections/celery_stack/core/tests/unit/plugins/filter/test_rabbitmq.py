@@ -1,8 +1,10 @@
 """Unit tests of the broker's side of the stack (plugins/filter/rabbitmq.py), run by `make test`:
-the producers' permissions, the queue checks, the dead-letter policies, the node names.
+the producers' permissions, the queue checks, the dead-letter policies, what differs from the
+broker's definitions (users, vhosts, policies), the node names.
 """
 
-import json
+import base64
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -61,25 +63,26 @@ def test_queue_type_changes():
     wanted = [{"vhost": "celery", "name": "io", "queue_type": "quorum"},
               {"vhost": "celery", "name": "cpu", "queue_type": "classic"},
               {"vhost": "celery", "name": "new", "queue_type": "quorum"}]
-    listings = [{"item": "celery", "stdout": json.dumps([{"name": "io", "type": "classic"},
-                                                         {"name": "cpu", "type": "classic"},
-                                                         {"name": "other", "type": "quorum"}])}]
-    assert rabbitmq.queue_type_changes(wanted, listings) == [
+    definitions = {"queues": [{"vhost": "celery", "name": "io", "type": "classic"},
+                              {"vhost": "celery", "name": "cpu", "type": "classic"},
+                              {"vhost": "celery", "name": "other", "type": "quorum"},
+                              {"vhost": "other", "name": "io", "type": "quorum"}]}
+    assert rabbitmq.queue_type_changes(wanted, definitions) == [
         {"vhost": "celery", "name": "io", "queue_type": "quorum", "existing": "a classic queue",
          "wanted": "a quorum queue"}]
-    assert rabbitmq.queue_type_changes(wanted, [{"item": "celery", "stdout": ""}]) == []
+    assert rabbitmq.queue_type_changes(wanted, {}) == []
 
 
 def test_queue_type_changes_compare_the_maximum_priority():
-    # rabbitmqctl's JSON lists a queue's arguments as [name, type, value] triples
-    listings = [{"item": "celery", "stdout": json.dumps([
-        {"name": "io", "type": "classic", "arguments": []},
-        {"name": "cpu", "type": "classic", "arguments": [["x-max-priority", "signedint", 10]]},
-        {"name": "dl", "type": "classic", "arguments": [["x-max-priority", "signedint", 3]]}])}]
+    # export_definitions: arguments as a mapping, the type also as x-queue-type
+    definitions = {"queues": [
+        {"vhost": "celery", "name": "io", "type": "classic", "arguments": {"x-queue-type": "classic"}},
+        {"vhost": "celery", "name": "cpu", "arguments": {"x-queue-type": "classic", "x-max-priority": 10}},
+        {"vhost": "celery", "name": "dl", "type": "classic", "arguments": {"x-max-priority": 3}}]}
     wanted = [{"vhost": "celery", "name": "io", "queue_type": "classic", "max_priority": 10},
               {"vhost": "celery", "name": "cpu", "queue_type": "classic", "max_priority": None},
               {"vhost": "celery", "name": "dl", "queue_type": "classic", "max_priority": 3}]
-    changes = rabbitmq.queue_type_changes(wanted, listings)
+    changes = rabbitmq.queue_type_changes(wanted, definitions)
     assert [(c["name"], c["existing"], c["wanted"]) for c in changes] == [
         ("io", "a classic queue", "a classic queue with max_priority 10"),
         ("cpu", "a classic queue with max_priority 10", "a classic queue")]
@@ -111,7 +114,75 @@ def test_dead_letter_policies_one_per_routed_queue():
 
 def test_stale_dead_letter_policies():
     wanted = rabbitmq.dead_letter_policies([{"vhost": "celery", "name": "io", "queue_type": "classic"}])
-    listing = [{"item": "celery", "stdout": json.dumps([
-        {"name": "celery-stack-dead-letter-io"}, {"name": "celery-stack-dead-letter-retired"}, {"name": "ops-own"}])}]
-    assert rabbitmq.stale_dead_letter_policies(listing, wanted) == [
-        {"vhost": "celery", "name": "celery-stack-dead-letter-retired"}]
+    definitions = {"policies": [{"vhost": "celery", "name": "celery-stack-dead-letter-io"},
+                                {"vhost": "celery", "name": "celery-stack-dead-letter-retired"},
+                                {"vhost": "other", "name": "celery-stack-dead-letter-io"},
+                                {"vhost": "celery", "name": "ops-own"}]}
+    assert rabbitmq.stale_dead_letter_policies(definitions, wanted) == [
+        {"vhost": "celery", "name": "celery-stack-dead-letter-retired"},
+        {"vhost": "other", "name": "celery-stack-dead-letter-io"}]
+
+
+def _exported(policy):
+    """A policy as export_definitions shows it."""
+    return {"vhost": policy["vhost"], "name": policy["name"], "pattern": policy["pattern"], "apply-to": "queues",
+            "definition": dict(policy["tags"]), "priority": int(policy["priority"])}
+
+
+def test_policies_to_set_only_what_differs():
+    wanted = rabbitmq.dead_letter_policies([{"vhost": "celery", "name": "io", "queue_type": "quorum"},
+                                            {"vhost": "celery", "name": "cpu", "queue_type": "classic"},
+                                            {"vhost": "celery", "name": "new", "queue_type": "classic"}])
+    io, cpu, _new = wanted
+    assert rabbitmq.policies_to_set({"policies": [_exported(io), _exported(cpu)]}, wanted) == [_new]
+    limit_changed = dict(_exported(io), definition=dict(io["tags"], **{"delivery-limit": 5}))
+    other_priority = dict(_exported(cpu), priority=7)
+    assert rabbitmq.policies_to_set({"policies": [limit_changed, other_priority]}, wanted) == wanted
+
+
+def test_vhosts_to_create():
+    assert rabbitmq.vhosts_to_create({"vhosts": [{"name": "/"}, {"name": "celery"}]}, ["celery", "app2"]) == ["app2"]
+
+
+def _hash(password, salt=b"\x01\x02\x03\x04", algorithm=hashlib.sha256):
+    return base64.b64encode(salt + algorithm(salt + password.encode()).digest()).decode()
+
+
+def test_user_permissions_least_privilege():
+    assert rabbitmq.user_permissions([{"vhost": "celery", "write": "^io$"}]) == [
+        {"vhost": "celery", "configure": "^$", "write": "^io$", "read": "^$"}]
+    assert rabbitmq.user_permissions(None) == []
+
+
+def test_users_to_set_only_the_users_that_differ():
+    ok = {"name": "celery", "password": "right-password", "tags": [],
+          "permissions": [{"vhost": "celery", "configure": ".*", "write": ".*", "read": ".*"}]}
+    admin = {"name": "ops", "password": "admin-password", "tags": ["administrator"], "permissions": []}
+    producer = {"name": "producer", "password": "p", "permissions": [{"vhost": "celery", "write": "^io$"}]}
+    definitions = {
+        "users": [{"name": "celery", "password_hash": _hash("right-password"), "tags": [],
+                   "hashing_algorithm": "rabbit_password_hashing_sha256"},
+                  {"name": "ops", "password_hash": _hash("admin-password", algorithm=hashlib.sha512),
+                   "tags": "administrator", "hashing_algorithm": "rabbit_password_hashing_sha512"},
+                  {"name": "producer", "password_hash": _hash("p"), "tags": [],
+                   "hashing_algorithm": "rabbit_password_hashing_sha256"}],
+        "permissions": [{"user": "celery", "vhost": "celery", "configure": ".*", "write": ".*", "read": ".*"},
+                        {"user": "producer", "vhost": "celery", "configure": "^$", "write": "^io$", "read": "^$"}]}
+    assert rabbitmq.users_to_set(definitions, [ok, admin, producer]) == []
+    # another password, other tags, a missing user
+    assert rabbitmq.users_to_set(definitions, [dict(ok, password="rotated"), dict(admin, tags=[]),
+                                               dict(producer, name="new")]) == [
+        dict(ok, password="rotated"), dict(admin, tags=[]), dict(producer, name="new")]
+    # a permission the inventory does not list (the list is authoritative), a changed regex
+    extra = dict(definitions, permissions=definitions["permissions"] + [
+        {"user": "celery", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}])
+    assert rabbitmq.users_to_set(extra, [ok]) == [ok]
+    changed = dict(producer, permissions=[{"vhost": "celery", "write": "^(io|cpu)$"}])
+    assert rabbitmq.users_to_set(definitions, [changed]) == [changed]
+    # an algorithm the filter does not know: the module decides (it authenticates)
+    md5 = dict(definitions, users=[dict(definitions["users"][0], hashing_algorithm="rabbit_password_hashing_md5")])
+    assert rabbitmq.users_to_set(md5, [ok]) == [ok]
+
+
+def test_user_names():
+    assert rabbitmq.user_names({"users": [{"name": "guest"}, {"name": "celery"}]}) == ["guest", "celery"]
