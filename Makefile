@@ -1,6 +1,6 @@
 # One entry point for people and CI. Every target bootstraps what it needs (venv, Docker
 # engine, base images) itself; see molecule/shared/bootstrap.sh.
-.PHONY: up down status test lint bootstrap bench faults load features
+.PHONY: up down status test lint bootstrap bench faults load features converge-table
 
 ## up: bring up the local container stack and run site.yml against it (left running)
 up:
@@ -54,3 +54,9 @@ features:
 	. .venv/bin/activate && python molecule/shared/faults/features.py -i inventories/local --result-backend rpc
 	CELERY_STACK_INVENTORY=$(REDIS_BROKER_STACK) molecule/shared/local-stack.sh up
 	. .venv/bin/activate && python molecule/shared/faults/features.py -i $(REDIS_BROKER_STACK) --queue io
+
+## converge-table: site.yml cold and warm with 1, 2, 4 and 8 worker hosts, one table row each
+## (replaces the local stack; about 40 min)
+converge-table:
+	molecule/shared/bootstrap.sh
+	. .venv/bin/activate && python molecule/shared/converge_scale.py
