@@ -61,11 +61,13 @@ def converge(inventory):
     return seconds, changed
 
 
-def measure(count, warm_runs):
+def measure(count, warm_runs, keep=None):
     with tempfile.TemporaryDirectory(prefix=f"celery-stack-{count}-workers-") as tmp:
-        inventory = Path(tmp)
+        inventory = Path(keep or tmp)
+        inventory.mkdir(parents=True, exist_ok=True)
         (inventory / "hosts.yml").write_text(yaml.safe_dump(inventory_with_workers(count), sort_keys=False))
-        os.symlink(LOCAL / "group_vars", inventory / "group_vars")
+        if not (inventory / "group_vars").exists():
+            os.symlink(LOCAL / "group_vars", inventory / "group_vars")
         env = dict(os.environ, CELERY_STACK_INVENTORY=str(inventory))
         stack = str(ROOT / "molecule" / "shared" / "local-stack.sh")
         run([stack, "down"], env=env, stdout=subprocess.DEVNULL)
@@ -82,7 +84,8 @@ def measure(count, warm_runs):
             cold, _ = converge(inventory)
             warm = [converge(inventory) for _ in range(warm_runs)]
         finally:
-            run([stack, "down"], env=env, stdout=subprocess.DEVNULL)
+            if not keep:
+                run([stack, "down"], env=env, stdout=subprocess.DEVNULL)
     changed = sorted({host for _, per_host in warm for host, n in per_host.items() if n})
     return {"workers": count, "cold": cold, "warm": statistics.median(s for s, _ in warm),
             "warm_range": (min(s for s, _ in warm), max(s for s, _ in warm)), "changed": changed}
@@ -92,12 +95,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sizes", nargs="*", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--warm", type=int, default=3, help="warm runs per size (median shown)")
+    parser.add_argument("--keep", metavar="DIR", help="one size only: leave its stack up, its inventory in DIR "
+                        "(to profile it: ansible-playbook -i DIR site.yml)")
     args = parser.parse_args()
+    if args.keep and len(args.sizes) != 1:
+        parser.error("--keep takes exactly one size")
     rows = []
     print(f"{'worker hosts':>12} {'hosts':>6} {'cold s':>8} {'warm s (median)':>16} {'warm range':>14} "
           f"{'warm / 1 host':>14}  warm changed=0", flush=True)
     for count in args.sizes:
-        row = measure(count, args.warm)
+        row = measure(count, args.warm, args.keep)
         rows.append(row)
         ratio = row["warm"] / rows[0]["warm"]
         low, high = row["warm_range"]
