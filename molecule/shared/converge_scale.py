@@ -2,7 +2,11 @@
 """How a converge grows with the number of worker hosts: the local stack (inventories/local) with
 1, 2, 4 and 8 worker hosts, each size from fresh containers (cold: the first site.yml), then
 site.yml again `--warm` times (warm: nothing to change; the recap must say changed=0 on every
-host, else the row says so). Prints one table row per size and the warm ratio to 1 host.
+host, else the row says so). Prints one table row per size and the warm ratio to 1 host, with
+the CPU time of the median warm run: the controller's (ansible-playbook and its forks) and the
+hosts' (the containers' cgroups, their idle workers included). Here the hosts are containers on
+the controller's own cores, so both add up on one machine; on real hosts only the controller's
+part is shared.
 
     make converge-table                  # or: python molecule/shared/converge_scale.py [1 2 4 8]
 
@@ -15,7 +19,7 @@ import argparse
 import copy
 import os
 import re
-import statistics
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,17 +52,38 @@ def run(argv, **kwargs):
     return subprocess.run(argv, cwd=ROOT, check=True, **kwargs)
 
 
+def hosts_cpu_seconds():
+    """CPU time the stack's containers have used so far (cgroup v1 cpuacct or v2 cpu.stat), or
+    None where neither is readable. On this machine the "hosts" share the controller's cores."""
+    ids = subprocess.run(["docker", "ps", "-q", "--no-trunc", "--filter", "label=celery-stack=host"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    total = 0.0
+    for container in ids:
+        v1 = Path(f"/sys/fs/cgroup/cpuacct/docker/{container}/cpuacct.usage")
+        v2 = Path(f"/sys/fs/cgroup/system.slice/docker-{container}.scope/cpu.stat")
+        if v1.exists():
+            total += int(v1.read_text()) / 1e9
+        elif v2.exists():
+            total += int(re.search(r"usage_usec (\d+)", v2.read_text()).group(1)) / 1e6
+        else:
+            return None
+    return total
+
+
 def converge(inventory):
-    """site.yml once: (seconds, changed count per host)."""
-    started = time.monotonic()
+    """site.yml once: (seconds, changed count per host, controller CPU s, hosts' CPU s)."""
+    started, before, hosts_before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN), hosts_cpu_seconds()
     done = subprocess.run(["ansible-playbook", "-i", str(inventory), "site.yml"], cwd=ROOT,
                           capture_output=True, text=True)
     seconds = time.monotonic() - started
+    after, hosts_after = resource.getrusage(resource.RUSAGE_CHILDREN), hosts_cpu_seconds()
+    controller = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    hosts = None if hosts_before is None or hosts_after is None else hosts_after - hosts_before
     if done.returncode != 0:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-2000:])
         raise SystemExit(f"site.yml failed on {inventory}")
     changed = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\S+)\s*:\s*ok=\d+\s+changed=(\d+)", done.stdout, re.M)}
-    return seconds, changed
+    return seconds, changed, controller, hosts
 
 
 def measure(count, warm_runs, keep=None):
@@ -81,14 +106,15 @@ def measure(count, warm_runs, keep=None):
                 run([str(ROOT / "molecule" / "shared" / "host.sh"), "up", name, str(c["debian"]),
                      v["local_container_network"], v["local_container_subnet"], c["ip"]])
             run(["ansible-playbook", "-i", str(inventory), "molecule/shared/prepare.yml"], stdout=subprocess.DEVNULL)
-            cold, _ = converge(inventory)
+            cold = converge(inventory)[0]
             warm = [converge(inventory) for _ in range(warm_runs)]
         finally:
             if not keep:
                 run([stack, "down"], env=env, stdout=subprocess.DEVNULL)
-    changed = sorted({host for _, per_host in warm for host, n in per_host.items() if n})
-    return {"workers": count, "cold": cold, "warm": statistics.median(s for s, _ in warm),
-            "warm_range": (min(s for s, _ in warm), max(s for s, _ in warm)), "changed": changed}
+    changed = sorted({host for _, per_host, _, _ in warm for host, n in per_host.items() if n})
+    median = sorted(warm, key=lambda w: w[0])[len(warm) // 2]  # the median run, with its CPU figures
+    return {"workers": count, "cold": cold, "warm": median[0], "controller_cpu": median[2], "hosts_cpu": median[3],
+            "warm_range": (min(w[0] for w in warm), max(w[0] for w in warm)), "changed": changed}
 
 
 def main():
@@ -102,15 +128,16 @@ def main():
         parser.error("--keep takes exactly one size")
     rows = []
     print(f"{'worker hosts':>12} {'hosts':>6} {'cold s':>8} {'warm s (median)':>16} {'warm range':>14} "
-          f"{'warm / 1 host':>14}  warm changed=0", flush=True)
+          f"{'warm / 1 host':>14} {'controller CPU s':>17} {'hosts CPU s':>12}  warm changed=0", flush=True)
     for count in args.sizes:
         row = measure(count, args.warm, args.keep)
         rows.append(row)
         ratio = row["warm"] / rows[0]["warm"]
         low, high = row["warm_range"]
+        hosts_cpu = "-" if row["hosts_cpu"] is None else f"{row['hosts_cpu']:.1f}"
         print(f"{count:>12} {count + 4:>6} {row['cold']:>8.1f} {row['warm']:>16.1f} {f'{low:.1f}-{high:.1f}':>14} "
-              f"{ratio:>13.2f}x  {'yes' if not row['changed'] else 'NO: ' + ', '.join(row['changed'])}",
-              flush=True)
+              f"{ratio:>13.2f}x {row['controller_cpu']:>17.1f} {hosts_cpu:>12}  "
+              f"{'yes' if not row['changed'] else 'NO: ' + ', '.join(row['changed'])}", flush=True)
 
 
 if __name__ == "__main__":
