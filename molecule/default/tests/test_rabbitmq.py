@@ -278,6 +278,19 @@ def test_wrong_password_is_refused(host):
     assert result["detail"].startswith("403"), result
 
 
+def test_console_drift_is_repaired(host):
+    """The role's users keep exactly their tags, and every routed queue its dead-letter policy,
+    even after a console session changed them (molecule/default/side_effect.yml): a converge
+    compares the broker's definitions with the inventory and puts back what differs."""
+    users = {u["user"]: u["tags"] for u in json.loads(host.check_output("rabbitmqctl -q list_users --formatter json"))}
+    assert users[INV["celery_stack_producer_user"]] in ([], ""), users
+    policies = {p["name"] for p in json.loads(host.check_output(
+        "rabbitmqctl -q list_policies -p %s --formatter json", VHOST))}
+    absent = set(filter(None, os.environ.get("CELERY_STACK_ABSENT_QUEUES", "").split(",")))
+    wanted = {f"celery-stack-dead-letter-{q['name']}" for q in INV["celery_stack_queues"] if q["name"] not in absent}
+    assert wanted <= policies, policies
+
+
 @pytest.mark.skipif(not APP_OLD_PASSWORD, reason="no password rotation in this run")
 def test_rotated_app_password_replaced_the_old_one(host):
     assert amqp(host, APP_USER, APP_PASSWORD, VHOST, action="open")["ok"] is True

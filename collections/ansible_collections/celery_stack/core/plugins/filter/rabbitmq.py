@@ -5,7 +5,7 @@
 - ``user_permissions``: a user's permissions as the role sets them (a regex not given: "^$");
 - ``queue_type_changes``: the routed queues the broker holds with another type or maximum
   priority than the routing table's;
-- ``dead_letter_policies``, ``stale_dead_letter_policies``: the policies that dead-letter the
+- ``dead_letter_policies``, ``dead_letter_policies_to_clear``: the policies that dead-letter the
   routed queues, and those of queues that left the table;
 - ``users_to_set``, ``vhosts_to_create``, ``policies_to_set``: what differs between the
   inventory and the broker, so a run that changes nothing runs no rabbitmqctl per user, vhost
@@ -123,7 +123,7 @@ def dead_letter_policies(queues, delivery_limit=20, priority=0):
     return policies
 
 
-def stale_dead_letter_policies(definitions, wanted):
+def dead_letter_policies_to_clear(definitions, wanted):
     """The dead-letter policies of this bundle ({vhost, name}) that exist on the broker but are no
     longer wanted (their queue left the routing table). definitions: the broker's."""
     keep = {(policy["vhost"], policy["name"]) for policy in wanted}
@@ -221,5 +221,5 @@ def rabbitmq_nodes(hosts, hostvars):
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
-            producer_permissions, user_permissions, queue_type_changes, dead_letter_policies, stale_dead_letter_policies,
+            producer_permissions, user_permissions, queue_type_changes, dead_letter_policies, dead_letter_policies_to_clear,
             policies_to_set, vhosts_to_create, users_to_set, user_names, rabbitmq_nodes)}

@@ -112,13 +112,13 @@ def test_dead_letter_policies_one_per_routed_queue():
         rabbitmq.dead_letter_policies(queues, 0)
 
 
-def test_stale_dead_letter_policies():
+def test_dead_letter_policies_to_clear_of_queues_no_longer_routed():
     wanted = rabbitmq.dead_letter_policies([{"vhost": "celery", "name": "io", "queue_type": "classic"}])
     definitions = {"policies": [{"vhost": "celery", "name": "celery-stack-dead-letter-io"},
                                 {"vhost": "celery", "name": "celery-stack-dead-letter-retired"},
                                 {"vhost": "other", "name": "celery-stack-dead-letter-io"},
                                 {"vhost": "celery", "name": "ops-own"}]}
-    assert rabbitmq.stale_dead_letter_policies(definitions, wanted) == [
+    assert rabbitmq.dead_letter_policies_to_clear(definitions, wanted) == [
         {"vhost": "celery", "name": "celery-stack-dead-letter-retired"},
         {"vhost": "other", "name": "celery-stack-dead-letter-io"}]
 
