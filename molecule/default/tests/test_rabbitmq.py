@@ -279,11 +279,11 @@ def test_wrong_password_is_refused(host):
 
 
 def test_console_drift_is_repaired(host):
-    """The role's users keep exactly their tags, and every routed queue its dead-letter policy,
+    """The workers' user keeps exactly its tags (none), and every routed queue its dead-letter policy,
     even after a console session changed them (molecule/default/side_effect.yml): a converge
     compares the broker's definitions with the inventory and puts back what differs."""
     users = {u["user"]: u["tags"] for u in json.loads(host.check_output("rabbitmqctl -q list_users --formatter json"))}
-    assert users[INV["celery_stack_producer_user"]] in ([], ""), users
+    assert users[APP_USER] in ([], ""), users
     policies = {p["name"] for p in json.loads(host.check_output(
         "rabbitmqctl -q list_policies -p %s --formatter json", VHOST))}
     absent = set(filter(None, os.environ.get("CELERY_STACK_ABSENT_QUEUES", "").split(",")))
