@@ -52,7 +52,8 @@ if ! docker info >/dev/null 2>&1; then
     echo "$DOCKERD_STARTED_PID" >"$cache/dockerd.pid"
     for _ in $(seq 240); do
       docker info >/dev/null 2>&1 && break
-      kill -0 "$DOCKERD_STARTED_PID" 2>/dev/null || break
+      # (not kill -0: dockerd runs as root through sudo, which an unprivileged user may not signal)
+      [ -d "/proc/$DOCKERD_STARTED_PID" ] || break
       sleep 0.5
     done
     if ! docker info >/dev/null 2>&1; then
