@@ -7,7 +7,8 @@
 - ``tls_renewal_reasons``: why a host's certificate must be issued again (none: keep it), so a
   run signs only what is missing, expiring, of another CA, for other names or another key;
 - ``tls_files_problems``: the user's own CA bundle, certificate and key (tls_source files);
-- ``tls_problems``: the role's settings beyond the argument specs.
+- ``tls_problems``: the role's settings beyond the argument specs;
+- ``tls_pem``: PEM text as the role writes it (one trailing newline, however it was given).
 
 Problems are messages naming the inventory variable and the fix, one broken rule each; none shows
 a key. Certificates are parsed with python cryptography (the controller has it: community.crypto
@@ -246,6 +247,14 @@ def tls_files_problems(ca_pem, cert_pem, key_pem, names, now=None):
     return found
 
 
+def tls_pem(text):
+    """PEM text without surrounding blanks, ending with one newline ("" stays ""): a file lookup
+    strips the last newline, the vault may keep it, and a file compared by checksum must come out
+    the same each run."""
+    text = str(text or "").strip()
+    return text + "\n" if text else ""
+
+
 # --- settings --------------------------------------------------------------------------------
 
 def _repository(start):
@@ -299,4 +308,4 @@ def tls_problems(settings, playbook_dir=None):
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (tls_names, tls_required_names, tls_renewal_reasons, tls_files_problems,
-                                        tls_problems)}
+                                        tls_problems, tls_pem)}

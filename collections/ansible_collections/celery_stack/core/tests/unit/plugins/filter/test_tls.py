@@ -188,6 +188,12 @@ def test_no_message_shows_the_key(pki):
     assert len(found) == 3 and not any("PRIVATE" in m or key[40:80] in m for m in found)
 
 
+def test_tls_pem_ends_with_one_newline():
+    assert tls.tls_pem("  -----BEGIN X-----\nAA\n-----END X-----\n\n") == "-----BEGIN X-----\nAA\n-----END X-----\n"
+    assert tls.tls_pem("-----END X-----") == "-----END X-----\n"
+    assert tls.tls_pem("") == tls.tls_pem(None) == ""
+
+
 # --- settings --------------------------------------------------------------------------------
 
 SETTINGS = {"tls_source": "internal", "tls_renew_days": 30, "tls_cert_days": 365, "tls_ca_days": 3650,
