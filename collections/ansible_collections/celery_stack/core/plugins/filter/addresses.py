@@ -17,16 +17,23 @@ def _credentials(user, password):
     return f"{quote(str(user), safe='')}:{quote(str(password), safe='')}@" if user or password else ""
 
 
-def broker_url(hosts, broker="rabbitmq", user="", password="", vhost="/", db=0, port=None):
+# (scheme, default port) per broker, plain and over TLS (celery_stack_tls): RabbitMQ has a port
+# of its own for TLS, Redis serves TLS on its usual port.
+SCHEMES = {("rabbitmq", False): ("amqp", 5672), ("rabbitmq", True): ("amqps", 5671),
+           ("redis", False): ("redis", 6379), ("redis", True): ("rediss", 6379)}
+
+
+def broker_url(hosts, broker="rabbitmq", user="", password="", vhost="/", db=0, port=None, tls=False):
     """Every broker host, `;`-separated, so kombu fails over between them."""
-    scheme, default_port = ("amqp", 5672) if broker == "rabbitmq" else ("redis", 6379)
+    scheme, default_port = SCHEMES[(broker, bool(tls))]
     path = quote(str(vhost), safe="") if broker == "rabbitmq" else str(int(db))
     port = int(port or default_port)
     return ";".join(f"{scheme}://{_credentials(user, password)}{h}:{port}/{path}" for h in hosts)
 
 
-def redis_url(host, port=6379, db=0, user="", password=""):
-    return f"redis://{_credentials(user, password)}{host}:{int(port)}/{int(db)}"
+def redis_url(host, port=6379, db=0, user="", password="", tls=False):
+    scheme = SCHEMES[("redis", bool(tls))][0]
+    return f"{scheme}://{_credentials(user, password)}{host}:{int(port)}/{int(db)}"
 
 
 def addresses(hosts, inventory_hostname, hostvars):

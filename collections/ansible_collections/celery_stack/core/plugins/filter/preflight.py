@@ -30,7 +30,7 @@ from ansible_collections.celery_stack.core.plugins.module_utils.stack_descriptio
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-PREFIXES = ("celery_stack_", "celery_app_", "celery_worker_", "celery_flower_", "rabbitmq_", "redis_")
+PREFIXES = ("celery_stack_", "celery_app_", "celery_worker_", "celery_flower_", "rabbitmq_", "redis_", "tls_")
 # Tags RabbitMQ knows (docs: management, "Management UI Access"); any other is ignored by it.
 RABBITMQ_TAGS = ("administrator", "monitoring", "policymaker", "management", "impersonator")
 RABBITMQ_USER = re.compile(r"^[A-Za-z0-9_.@-]+$")

@@ -24,6 +24,7 @@ EnvironmentFile, readable by root and the application's group only.
 
 import json
 import os
+import ssl
 from pathlib import Path
 
 from kombu import Exchange, Queue
@@ -37,6 +38,8 @@ BROKER_TYPE = DATA["broker_type"]
 # THE routing table as deployed: per queue its name, task patterns and queue type.
 ROUTING_TABLE = DATA["table"]
 DEFAULT_QUEUE = DATA["settings"]["task_default_queue"]
+# TLS (celery_stack_tls): which connections use it and the CA bundle to check servers against.
+TLS = DATA.get("tls") or {}
 
 # What one pool's workers need on top (a worker unit runs with CELERY_POOL=<pool>). On a lost
 # broker connection the broker requeues every unacknowledged task, so a worker cancels those it
@@ -104,6 +107,32 @@ def _queue(entry, declare):
                  max_priority=entry.get("max_priority"), no_declare=not declare)
 
 
+def _redis_tls(ca_file):
+    # redis-py's SSLConnection: the server's certificate checked against the CA bundle, and its
+    # name against the host of the URL (redis-py's default for the name check has changed between
+    # versions: stated here).
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file, "ssl_check_hostname": True}
+
+
+def tls_settings():
+    """Celery's TLS settings for the connections that use TLS: a certificate is required, checked
+    against the CA bundle, and must name the host dialled.
+
+    On RabbitMQ, kombu (py-amqp) checks the name only when server_hostname is given; None makes it
+    take each broker's host from the URL list (kombu's own documentation). kombu writes that host
+    into this dict when it connects and later connections, failovers included, reuse it: every
+    broker's certificate therefore also names the other brokers (roles/tls, tls_peer_names)."""
+    conf = {}
+    ca_file = TLS.get("ca_file")
+    if TLS.get("broker"):
+        conf["broker_use_ssl"] = (
+            {"ca_certs": ca_file, "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+            if BROKER_TYPE == "rabbitmq" else _redis_tls(ca_file))
+    if TLS.get("result_backend"):
+        conf["redis_backend_use_ssl"] = _redis_tls(ca_file)
+    return conf
+
+
 def settings():
     """The deployment's Celery settings, secrets included (they win over the app's own)."""
     conf = dict(DATA["settings"])
@@ -111,6 +140,7 @@ def settings():
     # Exact task names first, then the globs in table order; one queue each.
     conf["task_routes"] = ([(pattern, {"queue": queue}) for pattern, queue in conf["task_routes"]],)
     conf.update(POOL_SETTINGS.get(os.environ.get("CELERY_POOL", ""), {}))
+    conf.update(tls_settings())
     for setting, variable in DATA["secrets"].items():
         conf[setting] = _secret(variable)
     return conf
