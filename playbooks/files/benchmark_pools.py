@@ -83,7 +83,8 @@ def publish_rates(count):
     body = {"task": "benchmark", "args": [0] * 8}
     rates = {}
     for confirm in (False, True):
-        with Connection(app.conf.broker_url, transport_options={"confirm_publish": confirm}) as connection:
+        with Connection(app.conf.broker_url, ssl=app.conf.broker_use_ssl or False,
+                        transport_options={"confirm_publish": confirm}) as connection:
             producer = connection.Producer()
             scratch(connection.default_channel).declare()
             producer.publish(body, exchange=scratch.exchange, routing_key=scratch.routing_key)  # warm-up

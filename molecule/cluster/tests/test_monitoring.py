@@ -47,8 +47,13 @@ BURST, BURST_SECONDS = 300, 2
 
 # Runs on the producer host: every request of argv[1] (url, method, auth [user, password]),
 # answered with status and body.
+# The CA bundle of the deployment (roles/tls) on every host, when celery_stack_tls is on.
+TLS_CA = "/etc/celery-stack/tls/ca.crt"
+
 HTTP = r"""
-import base64, json, sys, urllib.error, urllib.request
+import base64, json, ssl, sys, urllib.error, urllib.request
+# https: the server's certificate checked against the deployment's CA bundle, and its name.
+context = ssl.create_default_context(cafile=sys.argv[2]) if len(sys.argv) > 2 else None
 out = []
 for spec in json.loads(sys.argv[1]):
     method = spec.get("method", "GET")
@@ -56,7 +61,7 @@ for spec in json.loads(sys.argv[1]):
     if spec.get("auth"):
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(spec["auth"]).encode()).decode())
     try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
+        with urllib.request.urlopen(request, timeout=30, context=context) as answer:
             out.append({"status": answer.status, "body": answer.read().decode()})
     except urllib.error.HTTPError as error:
         out.append({"status": error.code, "body": error.read().decode()})
@@ -92,7 +97,12 @@ class Stack:
         self.producer_name = self.producers[0]
         self.producer = self.host(self.producer_name)
         self.producer_vars = self.runner.get_variables(self.producer_name)
-        self.base = f"http://{self.address(self.name)}:{self.vars.get('celery_flower_port', 5555)}"
+        # celery_stack_tls (on for this multi-host inventory): Flower and RabbitMQ's Prometheus
+        # endpoint answer over HTTPS with the hosts' certificates; the clients check them
+        # against the CA bundle every host has.
+        self.tls = self.producer.file(TLS_CA).exists
+        self.scheme = "https" if self.tls else "http"
+        self.base = f"{self.scheme}://{self.address(self.name)}:{self.vars.get('celery_flower_port', 5555)}"
         self.users = [(u["name"], u["password"]) for u in self.vars["celery_flower_users"]]
 
     def host(self, name):
@@ -105,6 +115,8 @@ class Stack:
         """[(path or url, auth or None, method)] -> [{status, body}], requested from the producer."""
         requests = [{"url": path if path.startswith("http") else self.base + path, "auth": auth, "method": method}
                     for path, auth, method in specs]
+        if self.tls:
+            return json.loads(self.producer.check_output("python3 -c %s %s %s", HTTP, json.dumps(requests), TLS_CA))
         return json.loads(self.producer.check_output("python3 -c %s %s", HTTP, json.dumps(requests)))
 
     def get(self, path, auth=None):
@@ -320,8 +332,9 @@ def test_queue_depth_of_a_burst_on_rabbitmq(stack, expected_workers):
     ops = list(stack.users[0])
     # The endpoint is node-local (a queue shows where its process or leader runs): every node is
     # asked, the highest value counts.
-    depth_urls = [f"http://{stack.address(broker)}:"
-                  f"{stack.runner.get_variables(broker).get('rabbitmq_prometheus_port', 15692)}"
+    port = ("rabbitmq_prometheus_tls_port", 15691) if stack.tls else ("rabbitmq_prometheus_port", 15692)
+    depth_urls = [f"{stack.scheme}://{stack.address(broker)}:"
+                  f"{stack.runner.get_variables(broker).get(*port)}"
                   f"/metrics/detailed?vhost={stack.vars.get('celery_stack_broker_vhost', 'celery')}"
                   "&family=queue_coarse_metrics" for broker in stack.brokers]
     io_slots = sum(w["concurrency"] for w in expected_workers.values() if w["queue"] == "io")

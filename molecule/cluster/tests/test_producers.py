@@ -134,7 +134,10 @@ import amqp.exceptions
 from kombu import Connection
 import celery_stack_config
 
-url = celery_stack_config.settings()["broker_url"].split(";")[0]
+settings = celery_stack_config.settings()
+url = settings["broker_url"].split(";")[0]
+# Over TLS when the deployment uses it (celery_stack_tls), as its own clients connect.
+use_ssl = settings.get("broker_use_ssl") or False
 other_vhost = url.rsplit("/", 1)[0] + "/%2F"
 tries = {
     "consume a routed queue": (url, lambda channel: channel.basic_get("io")),
@@ -149,7 +152,7 @@ tries = {
 out = {}
 for name, (target, action) in tries.items():
     try:
-        with Connection(target, connect_timeout=10) as connection:
+        with Connection(target, connect_timeout=10, ssl=use_ssl) as connection:
             action(connection.default_channel)
         out[name] = "allowed"
     except (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed) as error:

@@ -83,7 +83,9 @@ def broker_connection():
     import celery_stack_config
 
     conf = celery_stack_config.settings()
-    return Connection(conf["broker_url"], transport_options=conf.get("broker_transport_options") or {})
+    # TLS as every client of the deployment (celery_stack_tls): the CA checked, and the name.
+    return Connection(conf["broker_url"], ssl=conf.get("broker_use_ssl") or False,
+                      transport_options=conf.get("broker_transport_options") or {})
 
 
 def main(argv=None, connection=None):
