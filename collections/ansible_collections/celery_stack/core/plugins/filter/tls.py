@@ -31,7 +31,6 @@ LOOPBACK = ("localhost", "127.0.0.1", "::1")
 # inventories); a name may start with one "*." (a wildcard, for certificates of the user's own
 # and extra names).
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
-GROUP = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -203,9 +202,11 @@ def _chain_problem(leaf, intermediates, bundle, now):
     return "has a chain longer than 10 certificates"
 
 
-def tls_files_problems(ca_pem, cert_pem, key_pem, names, now=None):
+def tls_files_problems(ca_pem, cert_pem, key_pem, names, now=None, renew_days=0):
     """The user's own CA bundle, certificate (leaf first, intermediates after it) and key
-    (tls_source files), one message per broken rule. The key is never shown."""
+    (tls_source files), one message per broken rule. The key is never shown. A certificate that
+    expires within renew_days is refused too: the run cannot renew a certificate of the user's
+    own, and one that ends in the coming days stops every client of the host then."""
     now, found = _utc(now), []
     bundle, certs = _certs(ca_pem), _certs(cert_pem)
     if not bundle:
@@ -231,6 +232,9 @@ def tls_files_problems(ca_pem, cert_pem, key_pem, names, now=None):
                      "belongs together")
     if leaf.not_valid_after_utc <= now:
         found.append(f"tls_files_cert expired {_day(leaf.not_valid_after_utc)}: renew it")
+    elif renew_days and leaf.not_valid_after_utc <= now + datetime.timedelta(days=int(renew_days)):
+        found.append(f"tls_files_cert expires {_day(leaf.not_valid_after_utc)}, within tls_renew_days "
+                     f"({int(renew_days)}): renew it and give the new one")
     if bundle:
         problem = _chain_problem(leaf, certs[1:], bundle, now)
         if problem:
@@ -288,9 +292,6 @@ def tls_problems(settings, playbook_dir=None):
     tls_dir = str(settings.get("tls_dir") or "")
     if not tls_dir.startswith("/"):
         found.append(f"tls_dir must be an absolute path on the host, got {tls_dir!r}")
-    group = settings.get("tls_group")
-    if not GROUP.match(str(group or "")):
-        found.append(f"tls_group {group!r} is not a group name (lower-case letters, digits, _ and -, 32 at most)")
     for index, name in enumerate(settings.get("tls_extra_names") or []):
         if _ip(name) is None and not _dns_ok(str(name).strip().rstrip(".").lower()):
             found.append(f"tls_extra_names[{index}] {name!r} is neither a DNS name (a leading *. allowed) nor an "

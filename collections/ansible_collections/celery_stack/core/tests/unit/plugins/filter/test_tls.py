@@ -167,6 +167,10 @@ def test_each_mistake_gives_one_message(pki):
     one(tls.tls_files_problems(ca, host, key, ["mq2.example.org", "mq1"], NOW),
         "tls_files_cert does not name DNS:mq2.example.org", "celery_stack_address")
     one(tls.tls_files_problems(ca, host, key, names, NOW + 400 * DAY), "tls_files_cert expired 2027-12-31")
+    # the run cannot renew the user's own: one ending within tls_renew_days is refused, with the date
+    one(tls.tls_files_problems(ca, host, key, names, NOW + 350 * DAY, 30), "tls_files_cert expires 2027-12-31",
+        "within tls_renew_days (30)")
+    assert tls.tls_files_problems(ca, host, key, names, NOW + 300 * DAY, 30) == []
     bare = _cert(pki["host_key"], "mq1", pki["ca"], pki["ca_key"], None)
     one(tls.tls_files_problems(ca, _pem(bare), key, names, NOW), "has no subjectAltName")
     # only the intermediate in the bundle: OpenSSL clients want the root
@@ -197,7 +201,7 @@ def test_tls_pem_ends_with_one_newline():
 # --- settings --------------------------------------------------------------------------------
 
 SETTINGS = {"tls_source": "internal", "tls_renew_days": 30, "tls_cert_days": 365, "tls_ca_days": 3650,
-            "tls_dir": "/etc/celery-stack/tls", "tls_group": "celery-stack-tls",
+            "tls_dir": "/etc/celery-stack/tls",
             "tls_extra_names": ["mq.example.org", "*.mq.example.org", "10.0.0.1", "::1"],
             "tls_ca_dir": "~/.local/share/celery-stack/ca/prod"}
 
@@ -212,7 +216,6 @@ def test_good_settings_give_no_problem(tmp_path):
     ({"tls_cert_days": 30}, "tls_cert_days (30) must be greater than tls_renew_days (30)"),
     ({"tls_ca_days": 20}, "tls_ca_days (20) must be greater than tls_renew_days (30)"),
     ({"tls_dir": "tls"}, "tls_dir must be an absolute path"),
-    ({"tls_group": "Celery TLS"}, "tls_group 'Celery TLS' is not a group name"),
     ({"tls_extra_names": ["ok.example.org", "bad name"]}, "tls_extra_names[1] 'bad name' is neither"),
     ({"tls_extra_names": ["-bad.example.org"]}, "tls_extra_names[0]"),
 ])
