@@ -29,6 +29,15 @@ def test_redis_url():
         "redis://celery-results:p%40ss%3Aw%2Frd%23%25@10.0.0.2:6380/0"
 
 
+def test_urls_over_tls():
+    # RabbitMQ's TLS port is its own (5671); Redis serves TLS on its usual port
+    assert addresses.broker_url(["mq1", "mq2"], "rabbitmq", "u", "p", "v", tls=True) == \
+        "amqps://u:p@mq1:5671/v;amqps://u:p@mq2:5671/v"
+    assert addresses.broker_url(["mq1"], "rabbitmq", "u", "p", "v", port=5675, tls=True) == "amqps://u:p@mq1:5675/v"
+    assert addresses.broker_url(["r1"], "redis", "u", "p", db=1, tls=True) == "rediss://u:p@r1:6379/1"
+    assert addresses.redis_url("r1", 6379, 0, "u", "p", tls=True) == "rediss://u:p@r1:6379/0"
+
+
 # --- hosts ---------------------------------------------------------------------------------------
 
 def test_addresses():
