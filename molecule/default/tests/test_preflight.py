@@ -122,6 +122,11 @@ CASES = {
     "negative download retries": ({"celery_stack_network_retries": -1}, "celery_stack_network_retries must be at least 0"),
     "a RabbitMQ version the configured repository does not serve": (
         {"rabbitmq_version": "9.9.9-1"}, "rabbitmq_version '9.9.9-1' matches no version the configured repository serves"),
+    "a TLS renewal window as long as the certificates": (
+        {"celery_stack_tls": True, "tls_renew_days": 400},
+        "tls_cert_days (365) must be greater than tls_renew_days (400)"),
+    "a misspelt TLS variable": (
+        {"tls_extra_name": ["mq.example.org"]}, "tls_extra_name is not a variable of celery-stack: did you mean tls_extra_names?"),
     "a directory given as kind file": (
         {"celery_stack_app": {"source": str(REPO / "examples" / "demo_app"), "kind": "file", "module": "app.celery"}},
         "celery_stack_app.kind is file but celery_stack_app.source"),
