@@ -27,6 +27,8 @@ from stack_hosts import RUNNER, VENV_PYTHON, group_hosts, inventory_host  # noqa
 PRODUCERS = group_hosts("celery_producers")
 BROKERS = group_hosts("rabbitmq")
 CONFIG_DIR = "/etc/celery-stack"
+# The deployment's CA bundle, on every host when celery_stack_tls is on (roles/tls).
+TLS_CA = f"{CONFIG_DIR}/tls/ca.crt"
 APP_USER = "web"  # inventories/local/group_vars/celery_producers.yml
 VHOST = "celery"
 
@@ -168,13 +170,16 @@ def test_the_producer_user_is_refused_everything_but_publishing(host):
     assert "ACCESS_REFUSED" in out["consume a routed queue"]
 
 
-# argv: USER PASSWORD; run on a broker host. Prints the HTTP status and body of /api/whoami.
+# argv: USER PASSWORD [CA]; run on a broker host. Prints the HTTP status and body of /api/whoami,
+# over HTTPS checked against CA when the deployment uses TLS (no plain listener then).
 WHOAMI = r"""
-import base64, json, sys, urllib.error, urllib.request
-request = urllib.request.Request("http://127.0.0.1:15672/api/whoami")
+import base64, json, ssl, sys, urllib.error, urllib.request
+ca = sys.argv[3] if len(sys.argv) > 3 else ""
+context = ssl.create_default_context(cafile=ca) if ca else None
+request = urllib.request.Request(("https://127.0.0.1:15671" if ca else "http://127.0.0.1:15672") + "/api/whoami")
 request.add_header("Authorization", "Basic " + base64.b64encode(":".join(sys.argv[1:3]).encode()).decode())
 try:
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:
         print(json.dumps({"status": answer.status, "body": answer.read().decode()}))
 except urllib.error.HTTPError as error:
     print(json.dumps({"status": error.code, "body": error.read().decode()}))
@@ -184,7 +189,8 @@ except urllib.error.HTTPError as error:
 def test_the_producer_user_has_no_management_access():
     password = RUNNER.get_variables(PRODUCERS[0])["celery_stack_producer_password"]
     broker = inventory_host(BROKERS[0])
-    answer = json.loads(broker.check_output("python3 -c %s %s %s", WHOAMI, "celery-producer", password))
+    ca = TLS_CA if broker.file(TLS_CA).exists else ""
+    answer = json.loads(broker.check_output("python3 -c %s %s %s %s", WHOAMI, "celery-producer", password, ca))
     assert answer["status"] == 401 and "Not management user" in answer["body"], answer
 
 
@@ -195,7 +201,10 @@ import json
 from celery import Celery
 import celery_stack_config
 
-app = Celery("unrouted", broker=celery_stack_config.settings()["broker_url"])
+settings = celery_stack_config.settings()
+app = Celery("unrouted", broker=settings["broker_url"])
+# over TLS as the deployment connects (celery_stack_tls): the refusal must be the broker's
+app.conf.broker_use_ssl = settings.get("broker_use_ssl")
 app.conf.broker_connection_retry = False
 try:
     result = app.send_task("celery_stack_demo.tasks.run_add", args=(1, 2))

@@ -52,12 +52,30 @@ ADMIN_PASSWORD = os.environ.get(
 )
 ADMIN_OLD_PASSWORD = os.environ.get("RABBITMQ_TEST_ADMIN_OLD_PASSWORD")
 
-# argv: MECHANISM USER PASSWORD VHOST ACTION   (ACTION: open | roundtrip)
+# The deployment's CA bundle: on the host when celery_stack_tls is on (roles/tls). The broker then
+# has no plain listener, also not on loopback: the clients below speak TLS to 127.0.0.1, which the
+# certificate names, and check it against this bundle.
+TLS_CA = "/etc/celery-stack/tls/ca.crt"
+_TLS = {}
+
+
+def tls_ca(host):
+    """The CA bundle's path when the deployment uses TLS on this host, else "" (one look per host)."""
+    name = host.backend.get_hostname()
+    if name not in _TLS:
+        _TLS[name] = TLS_CA if host.file(TLS_CA).exists else ""
+    return _TLS[name]
+
+
+# argv: MECHANISM USER PASSWORD VHOST ACTION [CA]   (ACTION: open | roundtrip; CA: over TLS, port 5671)
 # prints one JSON object: {"ok": bool, "stage": where it stopped, "detail": server's reply}
 AMQP_CLIENT = r'''
-import json, socket, struct, sys, uuid
+import json, socket, ssl, struct, sys, uuid
 mech, user, password, vhost, action = sys.argv[1:6]
-sock = socket.create_connection(("127.0.0.1", 5672), timeout=10)
+ca = sys.argv[6] if len(sys.argv) > 6 else ""
+sock = socket.create_connection(("127.0.0.1", 5671 if ca else 5672), timeout=10)
+if ca:
+    sock = ssl.create_default_context(cafile=ca).wrap_socket(sock, server_hostname="127.0.0.1")
 buf = b""
 def recv(n):
     global buf
@@ -134,15 +152,17 @@ except (OSError, EOFError, struct.error) as exc:
     done(False, "io", str(exc))
 '''
 
-# argv: USER PASSWORD PATH   prints {"status": HTTP status, "body": parsed JSON or text}
+# argv: USER PASSWORD PATH [CA]   prints {"status": HTTP status, "body": parsed JSON or text}
 HTTP_CLIENT = r'''
-import base64, json, sys, urllib.error, urllib.request
+import base64, json, ssl, sys, urllib.error, urllib.request
 user, password, path = sys.argv[1:4]
-request = urllib.request.Request("http://127.0.0.1:15672" + path)
+ca = sys.argv[4] if len(sys.argv) > 4 else ""
+context = ssl.create_default_context(cafile=ca) if ca else None
+request = urllib.request.Request(("https://127.0.0.1:15671" if ca else "http://127.0.0.1:15672") + path)
 token = base64.b64encode(("%s:%s" % (user, password)).encode()).decode()
 request.add_header("Authorization", "Basic " + token)
 try:
-    with urllib.request.urlopen(request, timeout=10) as answer:
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:
         status, body = answer.status, answer.read().decode()
 except urllib.error.HTTPError as exc:
     status, body = exc.code, exc.read().decode()
@@ -155,13 +175,14 @@ print(json.dumps({"status": status, "body": body}))
 
 
 def amqp(host, user, password, vhost, action="roundtrip", mechanism="PLAIN"):
-    result = host.run("python3 -c %s %s %s %s %s %s", AMQP_CLIENT, mechanism, user, password, vhost, action)
+    result = host.run("python3 -c %s %s %s %s %s %s %s", AMQP_CLIENT, mechanism, user, password, vhost, action,
+                      tls_ca(host))
     assert result.rc == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def http(host, user, password, path):
-    result = host.run("python3 -c %s %s %s %s", HTTP_CLIENT, user, password, path)
+    result = host.run("python3 -c %s %s %s %s %s", HTTP_CLIENT, user, password, path, tls_ca(host))
     assert result.rc == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -223,10 +244,18 @@ def test_service_is_active_and_enabled(host):
     assert service.is_enabled
 
 
-@pytest.mark.parametrize("port", [5672, 15672, 15692])
-def test_listening(host, port):
-    # Any address: 5672 listens dual-stack on [::], the HTTP ports on 0.0.0.0.
-    assert host.check_output("ss -Htln 'sport = :%d'" % port).strip()
+# AMQP, management, Prometheus: (plain port, TLS port)
+PORTS = {"amqp": (5672, 5671), "management": (15672, 15671), "prometheus": (15692, 15691)}
+
+
+@pytest.mark.parametrize("listener", sorted(PORTS))
+def test_listening(host, listener):
+    # Any address: AMQP listens dual-stack on [::], the HTTP ports on 0.0.0.0. With TLS, only the
+    # TLS port: no plain listener, not even on loopback.
+    plain, tls = PORTS[listener]
+    wanted, absent = (tls, plain) if tls_ca(host) else (plain, tls)
+    assert host.check_output("ss -Htln 'sport = :%d'" % wanted).strip()
+    assert not host.check_output("ss -Htln 'sport = :%d'" % absent).strip()
 
 
 def test_open_files_limit(host):
@@ -234,8 +263,11 @@ def test_open_files_limit(host):
 
 
 def test_prometheus_endpoint_serves_metrics(host):
-    metrics = host.check_output("python3 -c %s", "import urllib.request; print(urllib.request.urlopen("
-                                "'http://127.0.0.1:15692/metrics', timeout=10).read().decode())")
+    ca = tls_ca(host)
+    url = "https://127.0.0.1:15691/metrics" if ca else "http://127.0.0.1:15692/metrics"
+    metrics = host.check_output("python3 -c %s %s %s", "import ssl, sys, urllib.request; print(urllib.request.urlopen("
+                                "sys.argv[1], timeout=10, context=ssl.create_default_context(cafile=sys.argv[2]) "
+                                "if sys.argv[2] else None).read().decode())", url, ca)
     assert "rabbitmq_" in metrics
 
 
