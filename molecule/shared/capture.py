@@ -351,7 +351,10 @@ def read_needles(path):
 # --- tcpdump -------------------------------------------------------------------------------
 
 def docker_json(*argv):
-    return json.loads(subprocess.run(["docker", *argv], capture_output=True, text=True, check=True).stdout)
+    run = subprocess.run(["docker", *argv], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"docker {' '.join(argv)} failed: {run.stderr.strip()}")
+    return json.loads(run.stdout)
 
 
 def bridge_of(network):
@@ -421,7 +424,8 @@ def start(args):
     pcap.unlink(missing_ok=True)
     os.close(os.open(pcap, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
-    argv = as_root([tcpdump_path(), "-i", bridge, "-w", str(pcap), "-U", "-s", "0", "-n", "-Z", user])
+    # -B: a 32 MiB kernel buffer, so that bursts of thousands of tasks are not dropped.
+    argv = as_root([tcpdump_path(), "-i", bridge, "-w", str(pcap), "-U", "-s", "0", "-n", "-B", "32768", "-Z", user])
     argv += [bpf] if bpf else []
     with open(log_file, "wb") as log:
         # Its own session: the capture outlives this command and the step that ran it.

@@ -260,11 +260,11 @@ ARGS = json.loads(sys.argv[1])
 NOBODY = "tls-test-nobody:not-a-real-password"
 
 
-def attempt(action, *args):
+def attempt(action, *args, **options):
     """The value of a connection attempt, or its error: the chain of exception types (the
     libraries wrap the socket's and TLS's errors) and whether a certificate check failed."""
     try:
-        return {"ok": True, "value": action(*args)}
+        return {"ok": True, "value": action(*args, **options)}
     except Exception as error:  # noqa: BLE001 (what failed is the result)
         chain, seen = [], error
         while seen is not None and len(chain) < 8:
@@ -403,9 +403,9 @@ def from_a_worker():
     args = {"brokers": BROKERS, "redis": REDIS[0], "redis_port": REDIS_PORT, "amqp_plain": AMQP_PLAIN,
             "amqp_tls": AMQP_TLS}
     run = host.run("%s -c %s %s", VENV_PYTHON, HOST_CHECKS, json.dumps(args))
-    out = _redact(run.stdout)
-    assert run.rc == 0, _redact(run.stderr)[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+    if run.rc != 0:
+        pytest.fail(f"the checks failed on {WORKERS[0]} (rc {run.rc}): {_redact(run.stderr)[-3000:]}")
+    return json.loads(_redact(run.stdout).strip().splitlines()[-1])
 
 
 def _spoke(result, *protocol_errors):
