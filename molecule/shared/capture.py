@@ -395,7 +395,11 @@ def tcpdump_path():
 
 def as_root(argv):
     """tcpdump needs root: as root directly, else through sudo without a password prompt."""
-    return argv if os.geteuid() == 0 else ["sudo", "-n", *argv]
+    if os.geteuid() == 0:
+        return argv
+    if not shutil.which("sudo"):
+        raise SystemExit("tcpdump needs root: run this as root, or as a user with sudo")
+    return ["sudo", "-n", *argv]
 
 
 def files_of(pcap):
@@ -453,7 +457,7 @@ def stop(args):
         if os.geteuid() == 0:
             os.kill(pid, signal.SIGTERM)
         else:
-            subprocess.run(["sudo", "-n", "kill", "-TERM", str(pid)], check=True)
+            subprocess.run(as_root(["kill", "-TERM", str(pid)]), check=True)
         deadline = time.monotonic() + 10
         while is_our_tcpdump(pid, pcap) and time.monotonic() < deadline:
             time.sleep(0.1)

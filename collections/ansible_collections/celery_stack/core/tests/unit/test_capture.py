@@ -170,3 +170,14 @@ def test_the_capture_filter_keeps_the_network_and_leaves_out_the_mirror():
     assert capture.capture_filter(info, [], True) == ""
     with pytest.raises(SystemExit, match="not a container of the network"):
         capture.capture_filter(info, ["no-such-host"], False)
+
+
+def test_tcpdump_runs_as_root_or_through_sudo(monkeypatch):
+    monkeypatch.setattr(capture.os, "geteuid", lambda: 0)
+    assert capture.as_root(["tcpdump", "-i", "br-x"]) == ["tcpdump", "-i", "br-x"]
+    monkeypatch.setattr(capture.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(capture.shutil, "which", lambda name, path=None: f"/usr/bin/{name}")
+    assert capture.as_root(["tcpdump"]) == ["sudo", "-n", "tcpdump"]
+    monkeypatch.setattr(capture.shutil, "which", lambda name, path=None: None)
+    with pytest.raises(SystemExit, match="needs root"):
+        capture.as_root(["tcpdump"])
