@@ -24,6 +24,7 @@ Ethernet (802.1Q tags too) or Linux cooked (SLL) frames, IPv4 and TCP.
 import argparse
 import base64
 import json
+import mmap
 import os
 import pathlib
 import re
@@ -102,7 +103,7 @@ def tcp_segment(packet):
     data_offset = (tcp[12] >> 4) * 4
     src = ".".join(str(b) for b in packet[12:16])
     dst = ".".join(str(b) for b in packet[16:20])
-    return src, sport, dst, dport, seq, tcp[13], bytes(tcp[data_offset:])
+    return src, sport, dst, dport, seq, tcp[13], tcp[data_offset:]
 
 
 # --- TCP reassembly ------------------------------------------------------------------------
@@ -113,9 +114,8 @@ class Direction:
     def __init__(self, src, sport, dst, dport, number):
         self.src, self.sport, self.dst, self.dport = src, sport, dst, dport
         self.number = number  # the n-th connection on this address pair (ports are reused)
-        self.isn = None  # the SYN's sequence number + 1, when the capture saw the SYN
-        self.syn_ack = False  # the SYN had ACK: this side is the server
-        self.segments = []
+        self.isn = None  # the sequence number of its first byte, when the capture saw the SYN
+        self.segments = []  # (sequence number, payload)
 
     @property
     def name(self):
@@ -150,33 +150,58 @@ class Direction:
         return chunks
 
 
+class Connection:
+    """One TCP connection: its two directions, and which end is the client when the capture saw
+    the SYN (its sender) or the SYN-ACK (its receiver)."""
+
+    def __init__(self, number):
+        self.number = number
+        self.directions = {}  # (src, sport, dst, dport) -> Direction
+        self.client = None  # (ip, port) of the client, when known from the handshake
+
+    def direction(self, src, sport, dst, dport, order):
+        key = (src, sport, dst, dport)
+        if key not in self.directions:
+            self.directions[key] = Direction(src, sport, dst, dport, self.number)
+            order.append(self.directions[key])
+        return self.directions[key]
+
+    def has_data(self):
+        return any(d.segments for d in self.directions.values())
+
+
 def reassemble(packets):
-    """Every TCP direction of (linktype, frame) packets, in the order they first appeared."""
-    directions, current, counts = [], {}, defaultdict(int)
+    """The TCP connections of (linktype, frame) packets, and all their directions in the order
+    they first appeared."""
+    connections, directions, current, counts = [], [], {}, defaultdict(int)
     for linktype, frame in packets:
         packet = ipv4_payload(linktype, frame)
         segment = tcp_segment(packet) if packet is not None else None
         if segment is None:
             continue
         src, sport, dst, dport, seq, flags, payload = segment
-        key = (src, sport, dst, dport)
-        direction = current.get(key)
-        if flags & TCP_SYN:
-            # A SYN starts a connection; a new ISN on a known address pair is a new connection.
-            if direction is None or (direction.isn is not None and direction.isn != (seq + 1) % 2**32) or (
-                    direction.isn is None and direction.segments):
-                counts[key] += 1
-                direction = current[key] = Direction(src, sport, dst, dport, counts[key])
-                directions.append(direction)
-            direction.isn = (seq + 1) % 2**32
-            direction.syn_ack = bool(flags & TCP_ACK)
-        elif direction is None:
-            counts[key] += 1
-            direction = current[key] = Direction(src, sport, dst, dport, counts[key])
-            directions.append(direction)
+        pair = tuple(sorted([(src, sport), (dst, dport)]))
+        connection = current.get(pair)
+        is_syn, is_syn_ack = flags & TCP_SYN and not flags & TCP_ACK, flags & TCP_SYN and flags & TCP_ACK
+        isn = (seq + 1) % 2**32
+        if is_syn and connection is not None:
+            # A SYN with another ISN on a known address pair (a port used again) is a new connection;
+            # the same ISN is the SYN sent once more.
+            known = connection.directions.get((src, sport, dst, dport))
+            if connection.client != (src, sport) or known is None or known.isn != isn:
+                connection = None
+        if connection is None:
+            counts[pair] += 1
+            connection = current[pair] = Connection(counts[pair])
+            connections.append(connection)
+        direction = connection.direction(src, sport, dst, dport, directions)
+        if is_syn:
+            connection.client, direction.isn = (src, sport), isn
+        elif is_syn_ack:
+            connection.client, direction.isn = (dst, dport), isn
         if payload:
             direction.segments.append((seq, payload))
-    return directions
+    return connections, directions
 
 
 # --- what the streams carry ----------------------------------------------------------------
@@ -230,34 +255,27 @@ def find_needles(chunks, needles):
     return hits
 
 
-def connections(directions):
-    """Pair the two directions of each connection: [(client direction or None, server direction
-    or None, (client ip, client port, server ip, server port))]. The server is the side that
-    answered the SYN, else the side of a known service port, else the one of the lower port."""
-    by_key = {(d.src, d.sport, d.dst, d.dport, d.number): d for d in directions}
-    paired, result = set(), []
-    for d in directions:
-        if id(d) in paired:
-            continue
-        back = by_key.get((d.dst, d.dport, d.src, d.sport, d.number))
-        paired.update({id(d), id(back)})
-        if d.isn is not None:
-            d_is_client = not d.syn_ack
-        elif back is not None and back.isn is not None:
-            d_is_client = back.syn_ack
-        elif (d.dport in KNOWN_PORTS) != (d.sport in KNOWN_PORTS):
-            d_is_client = d.dport in KNOWN_PORTS
-        else:
-            d_is_client = d.dport < d.sport
-        client, server = (d, back) if d_is_client else (back, d)
-        ends = (d.src, d.sport, d.dst, d.dport) if d_is_client else (d.dst, d.dport, d.src, d.sport)
-        result.append((client, server, ends))
-    return result
+def ends(connection):
+    """(client ip, client port, server ip, server port): the client from the handshake, else
+    the side that is not a known service port, else the side of the higher port."""
+    first = next(iter(connection.directions.values()))
+    a, b = (first.src, first.sport), (first.dst, first.dport)
+    if connection.client is not None:
+        client = connection.client
+    elif (a[1] in KNOWN_PORTS) != (b[1] in KNOWN_PORTS):
+        client = b if a[1] in KNOWN_PORTS else a
+    else:
+        client = a if a[1] > b[1] else b
+    server = b if client == a else a
+    return (*client, *server)
 
 
 def scan(pcap, needles):
     """The scan's findings, as plain data (what --json writes)."""
-    data = memoryview(pathlib.Path(pcap).read_bytes())  # slices of a memoryview copy nothing
+    with open(pcap, "rb") as handle:
+        # Mapped, not read: the payloads stay views into the file until a direction is searched.
+        data = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)) if os.fstat(
+            handle.fileno()).st_size else memoryview(b"")
     counter = [0]
 
     def counted(packets):
@@ -265,7 +283,7 @@ def scan(pcap, needles):
             counter[0] += 1
             yield packet
 
-    directions = reassemble(counted(read_packets(data)))
+    connections, directions = reassemble(counted(read_packets(data)))
     streams, hits, summary = [], [], {}
     for d in directions:
         chunks = d.chunks()
@@ -278,16 +296,18 @@ def scan(pcap, needles):
                          "stream": d.name, "count": count})
         d.segments = []  # searched: free the memory
     conns = []
-    for client, server, (cip, cport, sip, sport) in connections(directions):
-        to_server, tls = summary[id(client)] if client else (0, False)
-        started = bool(client and client.isn is not None)
+    for connection in connections:
+        cip, cport, sip, sport = ends(connection)
+        to_server = connection.directions.get((cip, cport, sip, sport))
+        to_client = connection.directions.get((sip, sport, cip, cport))
+        sent, tls = summary[id(to_server)] if to_server else (0, False)
         conns.append({
             "client": f"{cip}:{cport}", "server": f"{sip}:{sport}", "server_port": sport,
-            "bytes_to_server": to_server, "bytes_to_client": summary[id(server)][0] if server else 0,
-            "start_seen": started,
+            "bytes_to_server": sent, "bytes_to_client": summary[id(to_client)][0] if to_client else 0,
+            "start_seen": connection.client is not None,
             # The client speaks first in TLS (its ClientHello): its first bytes tell, when the
-            # capture saw the connection start.
-            "tls": tls if started else None,
+            # capture saw the connection start and the client sent something.
+            "tls": tls if connection.client is not None and sent else None,
         })
     return {"pcap": str(pcap), "packets": counter[0], "needles": len(needles), "streams": streams,
             "connections": conns, "hits": hits}
@@ -333,13 +353,13 @@ def print_report(result):
     rows = [(port, KNOWN_PORTS.get(port, ""), row["connections"], row["with_data"], row["tls"], row["plain"],
              row["unknown"], row["bytes"]) for port, row in port_summary(result["connections"]).items()]
     print(table((("server port", 11), ("service", 19), ("connections", 11), ("with data", 9), ("TLS", 4),
-                 ("plain", 5), ("no start", 8), ("bytes", 10)), rows))
+                 ("plain", 5), ("unknown", 8), ("bytes", 10)), rows))
     started = [s for s in result["streams"] if s["start_seen"] and s["bytes"]]
     print(f"streams whose first bytes are a TLS record (0x16 0x03): {sum(s['tls'] for s in started)} of "
           f"{len(started)} with data and a captured start; gaps (missed packets): "
           f"{sum(s['gaps'] for s in result['streams'])}")
-    print("(TLS, plain: connections whose client's first bytes are, or are not, a TLS record; no start: the "
-          "capture began after the connection did)")
+    print("(TLS, plain: connections whose client's first bytes are, or are not, a TLS record; unknown: the "
+          "capture began after the connection did, or the client sent nothing)")
 
 
 def read_needles(path):

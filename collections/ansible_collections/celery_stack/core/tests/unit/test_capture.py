@@ -121,6 +121,20 @@ def test_a_reused_port_is_a_new_connection(tmp_path):
     assert len(result["connections"]) == 2
 
 
+def test_a_port_used_again_after_a_refused_attempt_pairs_the_right_directions(tmp_path):
+    """A SYN answered by RST, then a new SYN on the same ports: the second connection's
+    SYN-ACK and data belong to it, not to the refused attempt (seen in a capture of the cluster)."""
+    refused = [ethernet(tcp_packet(CLIENT, 40011, BROKER, 5671, 10, SYN)),
+               ethernet(tcp_packet(BROKER, 5671, CLIENT, 40011, 0, 0x04 | ACK))]
+    frames = refused + connection(40011, BROKER, 5671, [(0, b"\x16\x03\x01hello")], [(0, b"\x16\x03\x03hi")],
+                                  isn=777777)
+    result = scan(tmp_path, frames, [b"absent"])
+    assert [(c["client"], c["bytes_to_server"], c["bytes_to_client"], c["tls"]) for c in result["connections"]] == [
+        (f"{CLIENT}:40011", 0, 0, None), (f"{CLIENT}:40011", 8, 5, True)]
+    assert [s["stream"] for s in result["streams"] if s["bytes"]] == [
+        f"{CLIENT}:40011->{BROKER}:5671 #2", f"{BROKER}:5671->{CLIENT}:40011 #2"]
+
+
 def test_sequence_numbers_wrap(tmp_path):
     frames = connection(40008, REDIS, 6379, [(0, b"AUTH celery-res"), (15, b"ults local-results-secret")],
                         isn=2**32 - 10)
