@@ -13,9 +13,11 @@ connection). Controller side, standard library only; run it with the repository 
   capture.py scan --pcap FILE --needle-file F [--json OUT]
       reassembles every TCP direction of the capture and searches it for each needle (one per
       line of F): raw, inside HTTP `Authorization: Basic` values (base64 of user:password) and
-      percent-decoded. Needles are shown by index and length only, never their value; they come
-      in a file (not argv) so that no secret reaches a process listing or a log. Exit status 1
-      when any needle was found, 0 otherwise.
+      percent-decoded. Prints the hits (needle, form, stream src:port->dst:port, count), then per
+      server port the connections, TLS or plain by their client's first bytes (a TLS record:
+      0x16 0x03). Needles are shown by index and length only, never their value; they come in a
+      file (not argv) so that no secret reaches a process listing or a log. Exit status 1 when
+      any needle was found, 0 otherwise.
 
 The pcap parser reads libpcap files (either byte order, micro- or nanosecond timestamps) with
 Ethernet (802.1Q tags too) or Linux cooked (SLL) frames, IPv4 and TCP.
