@@ -30,6 +30,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 
@@ -185,6 +186,7 @@ def captured(tmp_path_factory):
     marker = f"tls-marker-{uuid.uuid4().hex}"
     try:
         report, instances = _burst_with_a_fault(stack, marker)
+        time.sleep(2)  # the burst's last packets reach the file before tcpdump is stopped
     finally:
         stopped = _capture("stop", "--pcap", str(pcap))
     assert stopped.returncode == 0, stopped.stderr
