@@ -64,6 +64,15 @@ if ! docker info >/dev/null 2>&1; then
 fi
 command -v debootstrap >/dev/null || { is_debian && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; } \
   || die "debootstrap is missing: install it to build the base images."
+# tcpdump: the cluster scenario records its docker network (molecule/shared/capture.py) to prove
+# that no secret and no task crosses it in clear. Debian has it in /usr/bin, older releases in
+# /usr/sbin (not on an ordinary user's PATH).
+if ! command -v tcpdump >/dev/null && [ ! -x /usr/sbin/tcpdump ]; then
+  is_debian || die "tcpdump is missing: install it (the cluster scenario captures its docker network with it)."
+  say "installing tcpdump from Debian"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump >/dev/null
+fi
 
 # --- 3. base images ----------------------------------------------------------------------------
 recipe="$root/molecule/shared/images/recipe.sh"
