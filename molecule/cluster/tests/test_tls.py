@@ -69,6 +69,13 @@ PLAIN_PORTS = {AMQP_PLAIN: "AMQP", int(STACK_VARS.get("rabbitmq_management_port"
 SERVICES = {AMQP_TLS: "AMQP TLS", 15671: "management HTTPS", 15691: "Prometheus HTTPS", 5555: "Flower",
             25672: "Erlang distribution", 4369: "epmd", REDIS_PORT: "Redis", **PLAIN_PORTS}
 
+# Between the RabbitMQ nodes, Erlang distribution (25672, its CLI connections on 35672-35682) and
+# epmd (4369) stay plain: quorum queues replicate every message over it, so the task marker
+# crosses there in clear. The bundle does not offer Erlang distribution over TLS yet (docs/tls.md,
+# "What still crosses the network in clear"): the marker is allowed on these streams between two
+# broker nodes and counted, every secret is still searched for there.
+ERLANG_PORTS = {4369, 25672, *range(35672, 35683)}
+
 SECRET_WORDS = ("password", "secret", "cookie", "token")
 
 
@@ -221,12 +228,30 @@ def _service(port):
     return f"port {port} {SERVICES.get(port, '')}".strip()
 
 
+def _between_brokers(stream):
+    """Is this stream Erlang distribution between two RabbitMQ nodes (ERLANG_PORTS)?"""
+    ends = stream.split(" ", 1)[0].split("->")
+    addresses = {_address(name) for name in BROKERS}
+    return len(ends) == 2 and all(end.rsplit(":", 1)[0] in addresses for end in ends)
+
+
+def _address(host):
+    return faults.sh("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
+                     host).stdout.split()[0]
+
+
 def test_no_secret_and_no_task_crosses_the_network_in_clear(captured):
     scan, names = captured["scan"], captured["names"]
     port = _server_port(scan)
+    marker = len(names)  # the marker is the last needle
+    inter_node = [hit for hit in scan["hits"] if hit["needle"] == marker and port(hit["stream"]) in ERLANG_PORTS
+                  and _between_brokers(hit["stream"])]
+    if inter_node:
+        print(f"\nthe task marker between the RabbitMQ nodes (Erlang distribution, plain by design for now): "
+              f"{sum(hit['count'] for hit in inter_node)} hits in {len(inter_node)} streams")
     # One line per secret, form and service: how often, in how many streams, one of them.
     groups = {}
-    for hit in scan["hits"]:
+    for hit in (hit for hit in scan["hits"] if hit not in inter_node):
         key = (names[hit["needle"]], hit["form"], _service(port(hit["stream"])))
         hits, streams, example = groups.get(key, (0, 0, hit["stream"]))
         groups[key] = (hits + hit["count"], streams + 1, example)
