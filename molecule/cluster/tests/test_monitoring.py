@@ -32,7 +32,7 @@ import testinfra
 
 # The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from stack_hosts import INVENTORY, VENV_PYTHON  # noqa: E402
+from stack_hosts import INVENTORY, TLS_CA, VENV_PYTHON  # noqa: E402
 
 # Under Molecule: the Flower hosts; with --hosts: every host, the others skip.
 testinfra_hosts = ["ansible://celery_flower"] if INVENTORY else []
@@ -47,9 +47,6 @@ BURST, BURST_SECONDS = 300, 2
 
 # Runs on the producer host: every request of argv[1] (url, method, auth [user, password]),
 # answered with status and body.
-# The CA bundle of the deployment (roles/tls) on every host, when celery_stack_tls is on.
-TLS_CA = "/etc/celery-stack/tls/ca.crt"
-
 HTTP = r"""
 import base64, json, ssl, sys, urllib.error, urllib.request
 # https: the server's certificate checked against the deployment's CA bundle, and its name.

@@ -22,13 +22,11 @@ import pytest
 
 # The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from stack_hosts import RUNNER, VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
+from stack_hosts import RUNNER, TLS_CA, VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
 
 PRODUCERS = group_hosts("celery_producers")
 BROKERS = group_hosts("rabbitmq")
 CONFIG_DIR = "/etc/celery-stack"
-# The deployment's CA bundle, on every host when celery_stack_tls is on (roles/tls).
-TLS_CA = f"{CONFIG_DIR}/tls/ca.crt"
 APP_USER = "web"  # inventories/local/group_vars/celery_producers.yml
 VHOST = "celery"
 

@@ -42,7 +42,7 @@ REPO = pathlib.Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "molecule" / "shared" / "tests"))
 sys.path.insert(0, str(REPO / "molecule" / "shared" / "faults"))
 import faults  # noqa: E402
-from stack_hosts import INVENTORY, RUNNER, VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
+from stack_hosts import INVENTORY, RUNNER, TLS_CA, VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not INVENTORY, reason="needs an inventory (Molecule's, or MOLECULE_INVENTORY_FILE)")
 testinfra_hosts = None  # every test reaches the hosts it needs itself
@@ -69,12 +69,13 @@ PLAIN_PORTS = {AMQP_PLAIN: "AMQP", int(STACK_VARS.get("rabbitmq_management_port"
 SERVICES = {AMQP_TLS: "AMQP TLS", 15671: "management HTTPS", 15691: "Prometheus HTTPS", 5555: "Flower",
             25672: "Erlang distribution", 4369: "epmd", REDIS_PORT: "Redis", **PLAIN_PORTS}
 
-# Between the RabbitMQ nodes, Erlang distribution (25672, its CLI connections on 35672-35682) and
-# epmd (4369) stay plain: quorum queues replicate every message over it, so the task marker
-# crosses there in clear. The bundle does not offer Erlang distribution over TLS yet (docs/tls.md,
-# "What still crosses the network in clear"): the marker is allowed on these streams between two
-# broker nodes and counted, every secret is still searched for there.
-ERLANG_PORTS = {4369, 25672, *range(35672, 35683)}
+# Erlang distribution between the RabbitMQ nodes (quorum queue replication: every task message).
+# With rabbitmq_inter_node_tls (on with celery_stack_tls) every connection to it that carries data
+# must be TLS, like AMQP's and Redis'; epmd (4369) stays plain and carries node names and ports only.
+DISTRIBUTION_PORT = 25672
+# The inventory's value, else the role's default (on, as celery_stack_tls is on a stack this module tests).
+INTER_NODE_TLS = str((RUNNER.get_variables(BROKERS[0]) if RUNNER and BROKERS else {})
+                     .get("rabbitmq_inter_node_tls", True)).lower() in ("true", "yes", "on", "1")
 
 SECRET_WORDS = ("password", "secret", "cookie", "token")
 
@@ -228,30 +229,12 @@ def _service(port):
     return f"port {port} {SERVICES.get(port, '')}".strip()
 
 
-def _between_brokers(stream):
-    """Is this stream Erlang distribution between two RabbitMQ nodes (ERLANG_PORTS)?"""
-    ends = stream.split(" ", 1)[0].split("->")
-    addresses = {_address(name) for name in BROKERS}
-    return len(ends) == 2 and all(end.rsplit(":", 1)[0] in addresses for end in ends)
-
-
-def _address(host):
-    return faults.sh("docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
-                     host).stdout.split()[0]
-
-
 def test_no_secret_and_no_task_crosses_the_network_in_clear(captured):
     scan, names = captured["scan"], captured["names"]
     port = _server_port(scan)
-    marker = len(names)  # the marker is the last needle
-    inter_node = [hit for hit in scan["hits"] if hit["needle"] == marker and port(hit["stream"]) in ERLANG_PORTS
-                  and _between_brokers(hit["stream"])]
-    if inter_node:
-        print(f"\nthe task marker between the RabbitMQ nodes (Erlang distribution, plain by design for now): "
-              f"{sum(hit['count'] for hit in inter_node)} hits in {len(inter_node)} streams")
     # One line per secret, form and service: how often, in how many streams, one of them.
     groups = {}
-    for hit in (hit for hit in scan["hits"] if hit not in inter_node):
+    for hit in scan["hits"]:
         key = (names[hit["needle"]], hit["form"], _service(port(hit["stream"])))
         hits, streams, example = groups.get(key, (0, 0, hit["stream"]))
         groups[key] = (hits + hit["count"], streams + 1, example)
@@ -275,8 +258,13 @@ def test_no_plain_broker_or_redis_connection_crosses_the_network(captured):
     amqps = [c for c in conns if c["server_port"] == AMQP_TLS and c["tls"]]
     redis_tls = [c for c in conns if c["server_port"] == REDIS_PORT and c["tls"]]
     assert amqps, f"no TLS connection to AMQP {AMQP_TLS} in the capture: the clients do not use amqps://"
+    distribution = [c for c in conns if c["server_port"] == DISTRIBUTION_PORT]
+    if INTER_NODE_TLS:
+        assert [f"{c['client']} -> {c['server']}" for c in distribution if c["tls"] is False] == [], \
+            f"plain Erlang distribution ({DISTRIBUTION_PORT}) between the RabbitMQ nodes"
     assert redis_tls, f"no TLS connection to Redis on {REDIS_PORT} in the capture: the clients do not use rediss://"
-    print(f"\nTLS connections with data: {len(amqps)} to AMQP {AMQP_TLS}, {len(redis_tls)} to Redis {REDIS_PORT}")
+    print(f"\nTLS connections with data: {len(amqps)} to AMQP {AMQP_TLS}, {len(redis_tls)} to Redis {REDIS_PORT}, "
+          f"{sum(bool(c['tls']) for c in distribution)} of {len(distribution)} to Erlang distribution")
 
 
 # Runs on a worker host as root with the deployment's venv python: every connection attempt of
@@ -491,3 +479,48 @@ def test_the_deployment_clients_work_over_tls_1_2_or_newer(from_a_worker):
     versions = {where: r["value"] if r["ok"] else r["error"] for where, r in handshakes.items()}
     assert all(version in ("TLSv1.2", "TLSv1.3") for version in versions.values()), versions
     print(f"\nfrom {WORKERS[0]}: broker {broker['value']}, results {results['value']}, handshakes {versions}")
+
+
+# Runs on a broker host as root: three Erlang nodes of the broker's own account (its cookie, from
+# its home; never on a command line) ping a RabbitMQ node over Erlang distribution: plain, over TLS
+# with a certificate of another CA (made here; the deployment's CA trusted, so only the node can
+# refuse it), and over TLS with the node's own options file (the deployment's certificate). Prints
+# one "case pong|pang" line each. argv: $1 the target node, $2 the node's options file, $3 the CA
+# bundle, $4 this host's name.
+DISTRIBUTION_CHECKS = r'''
+set -eu
+target=$1 optfile=$2 ca=$3 here=$4
+work=$(mktemp -d /var/tmp/inter-node-tls-test.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj "/CN=celery-stack TLS test: another CA" -addext "subjectAltName=DNS:$here" \
+  -keyout "$work/other.key" -out "$work/other.crt" 2>/dev/null
+cat > "$work/other.config" <<EOF
+[{server, [{cacertfile, "$ca"}, {certfile, "$work/other.crt"}, {keyfile, "$work/other.key"},
+           {verify, verify_peer}, {fail_if_no_peer_cert, true}]},
+ {client, [{cacertfile, "$ca"}, {certfile, "$work/other.crt"}, {keyfile, "$work/other.key"},
+           {verify, verify_peer}]}].
+EOF
+chown -R rabbitmq: "$work"
+ping() {
+  su rabbitmq -s /bin/sh -c "cd $work && timeout 60 erl -noinput -sname tls-test-$1-$$ $2 \
+    -eval 'io:format(\"~s~n\", [net_adm:ping(list_to_atom(\"$target\"))]), init:stop().'" 2>&1 \
+    | grep -E '^(pong|pang)$' || echo none
+}
+echo "plain $(ping plain '')"
+echo "other-ca $(ping other-ca "-proto_dist inet_tls -ssl_dist_optfile $work/other.config")"
+echo "deployment $(ping deployment "-proto_dist inet_tls -ssl_dist_optfile $optfile")"
+'''
+
+
+@pytest.mark.skipif(not INTER_NODE_TLS, reason="rabbitmq_inter_node_tls is off in this inventory")
+def test_erlang_distribution_refuses_plain_peers_and_other_cas():
+    """A peer with the cluster's cookie but without a certificate of the CA cannot reach a node."""
+    here, there = inventory_host(BROKERS[0]), inventory_host(BROKERS[-1])
+    target = "rabbit@" + there.check_output("hostname -s")
+    run = here.run("bash -c %s -- %s %s %s %s", DISTRIBUTION_CHECKS, target, "/etc/rabbitmq/inter_node_tls.config",
+                   TLS_CA, here.check_output("hostname -s"))
+    assert run.rc == 0, _redact(run.stderr)
+    answers = dict(line.split() for line in run.stdout.splitlines() if len(line.split()) == 2)
+    print(f"\nfrom {BROKERS[0]} to {target} over Erlang distribution: {answers}")
+    assert answers == {"plain": "pang", "other-ca": "pang", "deployment": "pong"}, answers

@@ -19,6 +19,8 @@ INVENTORY = os.environ.get("MOLECULE_INVENTORY_FILE")
 RUNNER = testinfra.utils.ansible_runner.AnsibleRunner(INVENTORY) if INVENTORY else None
 # The deployment's venv (celery_app role, celery_app_base_dir /opt/celery-stack).
 VENV_PYTHON = "/opt/celery-stack/venv/bin/python"
+# The deployment's CA bundle, on every host when celery_stack_tls is on (roles/tls, tls_dir).
+TLS_CA = "/etc/celery-stack/tls/ca.crt"
 
 
 def group_hosts(group):

@@ -63,6 +63,11 @@ def _kind(value):
     return "string" if isinstance(value, str) else type(value).__name__
 
 
+def _true(value):
+    """A boolean setting as Ansible reads it (true, yes, on, 1; a template renders to text)."""
+    return value is True or str(value).strip().lower() in ("true", "yes", "on", "1")
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -488,6 +493,9 @@ def rabbitmq_problems(settings):
     for index, vhost in enumerate(settings.get("rabbitmq_vhosts") or []):
         if not isinstance(vhost, str) or not vhost or re.search(r"[\s\x00-\x1f]", vhost):
             found.append(f"rabbitmq_vhosts[{index}] {vhost!r}: a vhost name is non-empty, without spaces")
+    if _true(settings.get("rabbitmq_inter_node_tls")) and not _true(settings.get("celery_stack_tls")):
+        found.append("rabbitmq_inter_node_tls needs celery_stack_tls: Erlang distribution over TLS uses the host "
+                     "certificates that the tls play makes only when celery_stack_tls is on")
     cookie = settings.get("rabbitmq_erlang_cookie")
     if cookie not in (None, ""):
         if not isinstance(cookie, str) or not re.match(r"^[A-Za-z0-9]{20,255}$", cookie):

@@ -218,8 +218,35 @@ def rabbitmq_nodes(hosts, hostvars):
     return nodes
 
 
+
+def rabbitmq_env(extra, inter_node_tls, optfile):
+    """The variables of rabbitmq-env.conf beyond NODENAME: the user's (rabbitmq_env_extra) and, with
+    Erlang distribution over TLS, the runtime flags that switch it on for the node
+    (SERVER_ADDITIONAL_ERL_ARGS) and for the CLI tools (CTL_ERL_ARGS), after the user's own flags."""
+    env = dict(extra or {})
+    if inter_node_tls:
+        flags = f"-proto_dist inet_tls -ssl_dist_optfile {optfile}"
+        for key in ("SERVER_ADDITIONAL_ERL_ARGS", "CTL_ERL_ARGS"):
+            env[key] = f"{env[key]} {flags}" if str(env.get(key) or "").strip() else flags
+    return env
+
+
+def rabbitmq_running_distribution(processes):
+    """`ps -o args=` of the rabbitmq account -> how the running node's Erlang distribution talks:
+    "tls" (-proto_dist inet_tls or inet6_tls), "plain", or None when no node runs. The node is the
+    beam.smp process that boots rabbit (the CLI tools run beam.smp too)."""
+    for line in (processes or "").splitlines():
+        args = line.split()
+        boots_rabbit = any(flag == "-s" and module == "rabbit" for flag, module in zip(args, args[1:]))
+        if args and args[0].endswith("beam.smp") and boots_rabbit:
+            proto = args[args.index("-proto_dist") + 1] if "-proto_dist" in args[:-1] else "inet_tcp"
+            return "tls" if proto.endswith("_tls") else "plain"
+    return None
+
+
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
             producer_permissions, user_permissions, queue_type_changes, dead_letter_policies, dead_letter_policies_to_clear,
-            policies_to_set, vhosts_to_create, users_to_set, user_names, rabbitmq_nodes)}
+            policies_to_set, vhosts_to_create, users_to_set, user_names, rabbitmq_nodes, rabbitmq_env,
+            rabbitmq_running_distribution)}

@@ -210,6 +210,9 @@ OPS = {"name": "ops", "password": "ops-secret", "tags": ["administrator"],
 
 def test_valid_broker_settings_have_no_problem():
     assert preflight.rabbitmq_problems(RABBITMQ) == []
+    for tls in (True, False):
+        assert preflight.rabbitmq_problems(dict(RABBITMQ, rabbitmq_inter_node_tls=tls, celery_stack_tls=True)) == []
+    assert preflight.rabbitmq_problems(dict(RABBITMQ, rabbitmq_inter_node_tls=False, celery_stack_tls=False)) == []
     # the same permissions twice for one vhost (the stack's vhost set to "/"): merged, accepted
     ops = dict(OPS, permissions=OPS["permissions"] * 2)
     assert preflight.rabbitmq_user_problems([ops], ["celery", "/"], ["celery"]) == []
@@ -228,6 +231,8 @@ def test_valid_broker_settings_have_no_problem():
     ({"rabbitmq_config_extra": {"log.console.level": ["info"]}}, "rabbitmq_config_extra.log.console.level must be a single"),
     ({"rabbitmq_env_extra": {"BAD KEY": "1"}}, "rabbitmq_env_extra: 'BAD KEY' is not an environment variable name"),
     ({"rabbitmq_erlang_cookie": "short"}, "rabbitmq_erlang_cookie must be 20 to 255 letters"),
+    ({"rabbitmq_inter_node_tls": True, "celery_stack_tls": False}, "rabbitmq_inter_node_tls needs celery_stack_tls"),
+    ({"rabbitmq_inter_node_tls": "True", "celery_stack_tls": "False"}, "rabbitmq_inter_node_tls needs celery_stack_tls"),
     ({"rabbitmq_repository_preset": "custom", "rabbitmq_repository_custom_url": "http://m",
       "rabbitmq_repository_custom_key_url": "http://m/k.asc", "rabbitmq_repository_custom_key_fingerprint": "AB"},
      "rabbitmq_repository_custom_key_fingerprint must be the key's full fingerprint"),

@@ -186,3 +186,28 @@ def test_users_to_set_only_the_users_that_differ():
 
 def test_user_names():
     assert rabbitmq.user_names({"users": [{"name": "guest"}, {"name": "celery"}]}) == ["guest", "celery"]
+
+
+def test_rabbitmq_env_adds_the_inter_node_tls_flags_after_the_users_own():
+    optfile = "/etc/rabbitmq/inter_node_tls.config"
+    flags = f"-proto_dist inet_tls -ssl_dist_optfile {optfile}"
+    assert rabbitmq.rabbitmq_env({}, False, optfile) == {}
+    assert rabbitmq.rabbitmq_env({"SERVER_ADDITIONAL_ERL_ARGS": "+S 2:2"}, False, optfile) == \
+        {"SERVER_ADDITIONAL_ERL_ARGS": "+S 2:2"}
+    assert rabbitmq.rabbitmq_env({}, True, optfile) == {"SERVER_ADDITIONAL_ERL_ARGS": flags, "CTL_ERL_ARGS": flags}
+    assert rabbitmq.rabbitmq_env({"SERVER_ADDITIONAL_ERL_ARGS": "+S 2:2", "CTL_ERL_ARGS": " ", "LOG_BASE": "/x"},
+                                 True, optfile) == \
+        {"SERVER_ADDITIONAL_ERL_ARGS": f"+S 2:2 {flags}", "CTL_ERL_ARGS": flags, "LOG_BASE": "/x"}
+
+
+def test_rabbitmq_running_distribution_reads_the_node_not_the_cli():
+    beam = "/usr/lib/erlang/erts-15.2.7/bin/beam.smp -W w -MBas ageffcbf -- -root /usr/lib/erlang -- -noinput -s rabbit boot"
+    cli = "/usr/lib/erlang/erts-15.2.7/bin/beam.smp -B -- -root /usr/lib/erlang -- -noshell -s elixir start_cli"
+    assert rabbitmq.rabbitmq_running_distribution("") is None
+    assert rabbitmq.rabbitmq_running_distribution("error: user name does not exist") is None
+    assert rabbitmq.rabbitmq_running_distribution(f"{cli} -proto_dist inet_tls\n/bin/sh x") is None
+    assert rabbitmq.rabbitmq_running_distribution(f"/bin/sh /usr/lib/rabbitmq/bin/rabbitmq-server\n{beam}") == "plain"
+    assert rabbitmq.rabbitmq_running_distribution(f"{cli} -proto_dist inet_tls\n{beam} -proto_dist inet_tcp") == "plain"
+    assert rabbitmq.rabbitmq_running_distribution(
+        f"{cli}\n{beam} -proto_dist inet_tls -ssl_dist_optfile /etc/rabbitmq/inter_node_tls.config") == "tls"
+    assert rabbitmq.rabbitmq_running_distribution(f"{beam} -proto_dist inet6_tls") == "tls"
