@@ -220,6 +220,11 @@ def stack_problems(stack, groups):
         if name in stack:
             found += _at_least(stack, name, 0)
 
+    # Client certificates are a TLS handshake's: without TLS there is none to require.
+    if as_bool(stack.get("celery_stack_tls_client_certificates")) and not as_bool(stack.get("celery_stack_tls")):
+        found.append("celery_stack_tls_client_certificates is on while celery_stack_tls is off: client certificates "
+                     "need TLS; set celery_stack_tls: true or celery_stack_tls_client_certificates: false")
+
     vhost = stack.get("celery_stack_broker_vhost", "celery")
     if broker == "rabbitmq":
         if not isinstance(vhost, str) or not vhost:
