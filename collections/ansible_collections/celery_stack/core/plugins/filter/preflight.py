@@ -10,7 +10,7 @@ here say so instead of failing on it.
 
 - ``known_variables``, ``unknown_variables``: variables with the bundle's prefixes that no role
   reads (a typo is otherwise silently ignored), with the closest known name;
-- ``stack_problems``: the stack's users, secrets, vhost, host groups and routing patterns;
+- ``stack_problems``: the stack's users, secrets, vhost, host groups, routing patterns and TLS options;
 - ``app_problems``: the application's account, environment and Celery settings;
 - ``rabbitmq_problems``, ``rabbitmq_user_problems``, ``rabbitmq_cluster_problems``,
   ``served_versions``, ``version_problems``: the broker;
