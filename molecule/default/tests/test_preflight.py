@@ -125,6 +125,9 @@ CASES = {
     "a TLS renewal window as long as the certificates": (
         {"celery_stack_tls": True, "tls_renew_days": 400},
         "tls_cert_days (365) must be greater than tls_renew_days (400)"),
+    "client certificates without TLS (all-in-one: TLS off)": (
+        {"celery_stack_tls_client_certificates": True},
+        "celery_stack_tls_client_certificates is on while celery_stack_tls is off"),
     "a misspelt TLS variable": (
         {"tls_extra_name": ["mq.example.org"]}, "tls_extra_name is not a variable of celery-stack: did you mean tls_extra_names?"),
     "a directory given as kind file": (

@@ -6,7 +6,10 @@ host (a producer: it runs no worker), as the web app's own account:
   django-celery-results wrote in PostgreSQL;
 - a periodic task created in the database through django-celery-beat is sent by beat (the
   DatabaseScheduler) and executed by the io queue's workers, which write Visit rows;
-- workers and beat run with the app's environment (DJANGO_SETTINGS_MODULE, the database).
+- workers and beat run with the app's environment (DJANGO_SETTINGS_MODULE, the database);
+- with celery_stack_tls_client_certificates on (group_vars/django_example.yml), RabbitMQ's TLS
+  listener refuses a client that trusts the deployment's CA but shows no certificate, and accepts
+  the same client with the certificate the deployment gives the web app.
 """
 
 import json
@@ -89,3 +92,44 @@ def test_workers_and_beat_run_with_the_apps_environment():
     assert "celery_stack_app beat" in cmdline
     log = worker.check_output("journalctl -u celery-beat.service --no-pager -o cat | tail -200")
     assert "DatabaseScheduler" in log, log
+
+
+# argv: none. As the web app's account: connect to every broker of the deployment's URL list
+# with the deployment's TLS options as they are, and once more without the client certificate
+# (the same CA, the same name check). Prints {broker: {"deployed": verdict, "no_client_cert":
+# verdict}}, a verdict being "accepted" or "refused: <error>".
+CLIENT_CERTIFICATE = r"""
+import json
+from kombu import Connection
+import celery_stack_config
+
+settings = celery_stack_config.settings()
+deployed = settings.get("broker_use_ssl") or {}
+without = {k: v for k, v in deployed.items() if k not in ("certfile", "keyfile")}
+
+def verdict(url, options):
+    try:
+        # the transport's own connect, without kombu's retries (one refusal, not a retry loop);
+        # a fresh dict each time: kombu writes the dialled host into it
+        with Connection(url, ssl=dict(options), connect_timeout=10) as connection:
+            connection.transport.establish_connection()
+        return "accepted"
+    except Exception as error:
+        return f"refused: {type(error).__name__}: {error}"
+
+print(json.dumps({url.split("@")[-1]: {"deployed": verdict(url, deployed), "no_client_cert": verdict(url, without)}
+                  for url in settings["broker_url"].split(";")}))
+"""
+
+
+def test_rabbitmq_refuses_a_tls_client_without_a_client_certificate(host):
+    out = _as_app(host, CLIENT_CERTIFICATE)
+    print("\nTLS clients of RabbitMQ:", json.dumps(out, indent=1))
+    assert out, out
+    for broker, verdicts in out.items():
+        assert ":5671/" in broker, out
+        # the deployment's own client (its certificate and the key copy the web app reads) gets in ...
+        assert verdicts["deployed"] == "accepted", out
+        # ... the same client without a certificate is turned away in the TLS handshake
+        refused = verdicts["no_client_cert"]
+        assert refused.startswith("refused: ") and "certificate" in refused.lower(), out

@@ -25,8 +25,10 @@ import time
 from faults import HERE, REPO, Stack, on, sh, table
 
 CLIENT_ON_HOST = "/var/tmp/celery-stack-features.py"
-# The deployment's CA bundle (roles/tls), on every host when celery_stack_tls is on.
-TLS_CA = "/etc/celery-stack/tls/ca.crt"
+# The deployment's CA bundle and each host's certificate and key <inventory name>.crt/.key
+# (roles/tls), on every host when celery_stack_tls is on.
+TLS_DIR = "/etc/celery-stack/tls"
+TLS_CA = f"{TLS_DIR}/ca.crt"
 COLUMNS = [("row", 22), ("status", 9), ("seconds", 7), ("detail", 100)]
 
 
@@ -46,10 +48,13 @@ def redis_cli(stack, *args):
     """redis-cli as the Redis admin user on the stack's Redis host; the password travels in the
     environment (docker exec -e NAME passes the controller's value), not on a command line. Over
     TLS, checking the server against the deployment's CA bundle, when the host has one
-    (celery_stack_tls: Redis then has no plain port)."""
+    (celery_stack_tls: Redis then has no plain port), and showing the host's own certificate (which
+    Redis requires with celery_stack_tls_client_certificates)."""
     os.environ["REDISCLI_AUTH"] = str(stack.stack_vars["redis_admin_password"])
     user = str(stack.stack_vars.get("redis_admin_user", "admin"))
-    tls = ["--tls", "--cacert", TLS_CA] if on(stack.redis[0], f"test -e {TLS_CA}", check=False).returncode == 0 else []
+    host = stack.redis[0]
+    tls = (["--tls", "--cacert", TLS_CA, "--cert", f"{TLS_DIR}/{host}.crt", "--key", f"{TLS_DIR}/{host}.key"]
+           if on(host, f"test -e {TLS_CA}", check=False).returncode == 0 else [])
     return sh("docker", "exec", "-e", "REDISCLI_AUTH", stack.redis[0], "redis-cli", "--no-auth-warning", *tls,
               "--user", user, *args).stdout
 

@@ -10,7 +10,7 @@ here say so instead of failing on it.
 
 - ``known_variables``, ``unknown_variables``: variables with the bundle's prefixes that no role
   reads (a typo is otherwise silently ignored), with the closest known name;
-- ``stack_problems``: the stack's users, secrets, vhost, host groups and routing patterns;
+- ``stack_problems``: the stack's users, secrets, vhost, host groups, routing patterns and TLS options;
 - ``app_problems``: the application's account, environment and Celery settings;
 - ``rabbitmq_problems``, ``rabbitmq_user_problems``, ``rabbitmq_cluster_problems``,
   ``served_versions``, ``version_problems``: the broker;
@@ -224,6 +224,11 @@ def stack_problems(stack, groups):
     for name in ("celery_stack_network_retries", "celery_stack_network_retry_delay"):
         if name in stack:
             found += _at_least(stack, name, 0)
+
+    # Client certificates are a TLS handshake's: without TLS there is none to require.
+    if as_bool(stack.get("celery_stack_tls_client_certificates")) and not as_bool(stack.get("celery_stack_tls")):
+        found.append("celery_stack_tls_client_certificates is on while celery_stack_tls is off: client certificates "
+                     "need TLS; set celery_stack_tls: true or celery_stack_tls_client_certificates: false")
 
     vhost = stack.get("celery_stack_broker_vhost", "celery")
     if broker == "rabbitmq":

@@ -38,7 +38,8 @@ BROKER_TYPE = DATA["broker_type"]
 # THE routing table as deployed: per queue its name, task patterns and queue type.
 ROUTING_TABLE = DATA["table"]
 DEFAULT_QUEUE = DATA["settings"]["task_default_queue"]
-# TLS (celery_stack_tls): which connections use it and the CA bundle to check servers against.
+# TLS (celery_stack_tls): which connections use it, the CA bundle to check servers against and,
+# with celery_stack_tls_client_certificates, the certificate and key the clients show.
 TLS = DATA.get("tls") or {}
 
 # What one pool's workers need on top (a worker unit runs with CELERY_POOL=<pool>). On a lost
@@ -107,11 +108,14 @@ def _queue(entry, declare):
                  max_priority=entry.get("max_priority"), no_declare=not declare)
 
 
-def _redis_tls(ca_file):
+def _redis_tls(ca_file, client):
     # redis-py's SSLConnection: the server's certificate checked against the CA bundle, and its
     # name against the host of the URL (redis-py's default for the name check has changed between
     # versions: stated here).
-    return {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file, "ssl_check_hostname": True}
+    conf = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca_file, "ssl_check_hostname": True}
+    if client:
+        conf.update(ssl_certfile=client[0], ssl_keyfile=client[1])
+    return conf
 
 
 def tls_settings():
@@ -121,15 +125,23 @@ def tls_settings():
     On RabbitMQ, kombu (py-amqp) checks the name only when server_hostname is given; None makes it
     take each broker's host from the URL list (kombu's own documentation). kombu writes that host
     into this dict when it connects and later connections, failovers included, reuse it: every
-    broker's certificate therefore also names the other brokers (roles/tls, tls_peer_names)."""
+    broker's certificate therefore also names the other brokers (roles/tls, tls_peer_names).
+
+    With client certificates (celery_stack_tls_client_certificates) each connection also shows
+    the host's certificate and key (the application's copies): py-amqp and redis-py load them
+    at every new connection, so a renewed pair is used without a restart."""
     conf = {}
     ca_file = TLS.get("ca_file")
+    client = (TLS["client_cert"], TLS["client_key"]) if TLS.get("client_cert") else None
     if TLS.get("broker"):
-        conf["broker_use_ssl"] = (
-            {"ca_certs": ca_file, "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
-            if BROKER_TYPE == "rabbitmq" else _redis_tls(ca_file))
+        if BROKER_TYPE == "rabbitmq":
+            conf["broker_use_ssl"] = {"ca_certs": ca_file, "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+            if client:
+                conf["broker_use_ssl"].update(certfile=client[0], keyfile=client[1])
+        else:
+            conf["broker_use_ssl"] = _redis_tls(ca_file, client)
     if TLS.get("result_backend"):
-        conf["redis_backend_use_ssl"] = _redis_tls(ca_file)
+        conf["redis_backend_use_ssl"] = _redis_tls(ca_file, client)
     return conf
 
 

@@ -101,6 +101,18 @@ def test_one_stack_mistake_one_message(change, expected):
             assert secret not in message
 
 
+def test_client_certificates_need_tls():
+    for tls in (True, "True"):  # a templated default arrives as a string on older Ansible
+        assert preflight.stack_problems(dict(STACK, celery_stack_tls=tls,
+                                             celery_stack_tls_client_certificates=True), GROUPS) == []
+    for tls in (False, "False", None):
+        one(preflight.stack_problems(dict(STACK, celery_stack_tls=tls, celery_stack_tls_client_certificates=True),
+                                     GROUPS),
+            "celery_stack_tls_client_certificates is on while celery_stack_tls is off")
+    assert preflight.stack_problems(dict(STACK, celery_stack_tls=False,
+                                         celery_stack_tls_client_certificates=False), GROUPS) == []
+
+
 def test_a_host_in_both_worker_and_producer_groups_is_refused():
     one(preflight.stack_problems(STACK, dict(GROUPS, celery_producers=["web1", "w1"])),
         "w1: in both groups celery_workers and celery_producers")
