@@ -41,12 +41,22 @@ unit() {
   python -m pytest -q -p no:cacheprovider collections/ansible_collections/celery_stack/core/tests/unit \
     roles/celery_app/tests roles/celery_worker/tests
 }
+# A failed scenario ends with the tests that failed: CI keeps only the end of the output, where
+# Molecule's own summary says just "Verifier tests failed".
 run_scenario() {
-  local scenario=${1%@*} debian=${1#*@} started
+  local scenario=${1%@*} debian=${1#*@} started log
   [ "$debian" = "$1" ] && debian=12
-  started=$(date +%s)
+  started=$(date +%s) log=$(mktemp)
   echo "[test] molecule test -s $scenario on Debian $debian"
-  MOLECULE_DEBIAN=$debian molecule test -s "$scenario"
+  if ! MOLECULE_DEBIAN=$debian molecule test -s "$scenario" 2>&1 | tee "$log"; then
+    echo "[test] scenario $scenario on Debian $debian FAILED after $(( $(date +%s) - started )) s; pytest's summary:"
+    # Molecule wraps long lines: a summary line may be "FAILED" alone, its test on the next line.
+    sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -A1 -E '(FAILED|ERROR)( [a-z_./]+\.py|\s*$)|^[^a-z]*fatal:' \
+      | grep -v -E 'RETRYING|^--$' | tail -n 40 || true
+    rm -f "$log"
+    return 1
+  fi
+  rm -f "$log"
   echo "[test] scenario $scenario on Debian $debian passed in $(( $(date +%s) - started )) s"
 }
 

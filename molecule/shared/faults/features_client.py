@@ -20,7 +20,7 @@ import time
 import uuid
 from types import SimpleNamespace
 
-from celery import chain, chord, chunks, group, xmap, xstarmap
+from celery import chord, chunks, group, xmap, xstarmap
 from celery.exceptions import ChordError
 from celery.result import AsyncResult, GroupResult
 from celery_stack_app import app
