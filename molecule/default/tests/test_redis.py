@@ -44,11 +44,23 @@ SECRETS = [ADMIN[1], RESULTS[1], BROKER[1]]
 testinfra_hosts = ["ansible://redis"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 
 
+# The deployment's CA bundle: on the host when celery_stack_tls is on (roles/tls). Redis then has
+# no plain port: redis-cli speaks TLS to 127.0.0.1, which the certificate names.
+TLS_CA = "/etc/celery-stack/tls/ca.crt"
+_TLS = {}
+
+
+def _tls_args(host):
+    if host not in _TLS:
+        _TLS[host] = f"--tls --cacert {TLS_CA} " if host.file(TLS_CA).exists else ""
+    return _TLS[host]
+
+
 def cli(host, *args, user=None, password=None):
     """Run redis-cli as USER (None: unauthenticated); the password travels in the environment."""
     env = f"REDISCLI_AUTH={shlex.quote(password)} " if password is not None else ""
     auth = f"--user {shlex.quote(user)} " if user is not None else ""
-    cmd = f"{env}redis-cli --no-auth-warning -h 127.0.0.1 -p {PORT} {auth}" + " ".join(
+    cmd = f"{env}redis-cli --no-auth-warning {_tls_args(host)}-h 127.0.0.1 -p {PORT} {auth}" + " ".join(
         shlex.quote(a) for a in args)
     return host.run(cmd)
 
@@ -103,7 +115,12 @@ def write_app(host):
     return workdir
 
 
-def url(user_password, db=0):
+def url(host, user_password, db=0):
+    """A Celery URL of a Redis user; over TLS when the host has the CA (kombu and Celery's
+    backend read the ssl_* query parameters)."""
+    if _tls_args(host):
+        return (f"rediss://{user_password[0]}:{user_password[1]}@127.0.0.1:{PORT}/{db}"
+                f"?ssl_cert_reqs=required&ssl_ca_certs={TLS_CA}")
     return f"redis://{user_password[0]}:{user_password[1]}@127.0.0.1:{PORT}/{db}"
 
 
@@ -143,7 +160,8 @@ def test_configuration_in_force(host):
     assert config["appendonly"] == "yes"
     assert config["appendfsync"] == "everysec"
     assert config["aclfile"] == "/etc/redis/users.acl"
-    assert config["port"] == str(PORT)
+    # With TLS (celery_stack_tls) the TLS port is the only one: no plain port, not even on loopback.
+    assert (config["port"], config["tls-port"]) == (("0", str(PORT)) if _tls_args(host) else (str(PORT), "0"))
 
 
 def test_no_plaintext_secret_on_disk(host):
@@ -232,7 +250,7 @@ def test_results_user_stores_and_reads_celery_result(host):
         print(json.dumps(out))
         ''')
     result = host.run(
-        f"cd {workdir} && PROBE_BROKER=memory:// PROBE_BACKEND={shlex.quote(url(RESULTS))} "
+        f"cd {workdir} && PROBE_BROKER=memory:// PROBE_BACKEND={shlex.quote(url(host, RESULTS))} "
         f"timeout 60 {python} -c {shlex.quote(script)}")
     host.run(f"rm -rf {workdir}")
     assert result.rc == 0, result.stderr
@@ -266,8 +284,8 @@ def test_celery_round_trip_with_redis_broker(host):
                "ping": bool(app.control.inspect(timeout=5).ping())}
         print(json.dumps(out))
         ''')
-    env = (f"PROBE_BROKER={shlex.quote(url(BROKER))} "
-           f"PROBE_BACKEND={shlex.quote(url(RESULTS))}")
+    env = (f"PROBE_BROKER={shlex.quote(url(host, BROKER))} "
+           f"PROBE_BACKEND={shlex.quote(url(host, RESULTS))}")
     run = textwrap.dedent(f'''\
         cd {workdir}
         export {env}
