@@ -15,6 +15,8 @@ strikes; then every result is read back. Each row counts:
               the converge ended);
   stall s     the longest time without any task completing, after the fault struck;
   client s    the longest time a client's get() waited for the next result after the fault;
+  missed      get() calls that gave up at the client's deadline although the result was stored
+              (a read right after): the client missed the result's notification;
   consumers   the fewest consumers each routed queue had while the fault lasted (RabbitMQ).
 
 Completions are read from the probe logs the task writes on the worker hosts. The hosts are
@@ -340,6 +342,7 @@ def run_fault(stack, name, args):
         "stall": round(longest_gap([t for _, t in done], struck), 1) if name != "none" else 0.0,
         # with tasks still being sent, get() waits for the sending too: not a fault figure
         "client": round(longest_gap(report["get_ended"], struck), 1) if name != "none" and not spread else "-",
+        "missed": len(report["get_missed"]),
         "outage": round(back - struck, 1),
         # the fewest consumers a routed queue had while the fault lasted (measured for deploys)
         "consumers": " ".join(f"{q}:{n}" for q, n in sorted(watch.fewest.items())) or "-",
@@ -350,7 +353,8 @@ def run_fault(stack, name, args):
 
 
 COLUMNS = (("setup", 18), ("fault", 20), ("sent", 6), ("refused", 8), ("completed", 10), ("failed", 7), ("stuck", 6),
-           ("never_ran", 10), ("dup", 4), ("outage", 7), ("stall", 6), ("client", 7), ("consumers", 12))
+           ("never_ran", 10), ("dup", 4), ("outage", 7), ("stall", 6), ("client", 7), ("missed", 6),
+           ("consumers", 12))
 
 
 def table(rows, columns=COLUMNS):
@@ -382,7 +386,7 @@ def run_stack(stack, only, args):
         rows.append(run_fault(stack, name, args))
         row = rows[-1]
         print(f"  completed {row['completed']}/{row['sent']}, failed {row['failed']}, stuck {row['stuck']}, "
-              f"dup {row['dup']}, stall {row['stall']} s, client {row['client']} s"
+              f"dup {row['dup']}, stall {row['stall']} s, client {row['client']} s, missed {row['missed']}"
               + (f"; notes: {row['notes']}" if row["notes"] else ""), flush=True)
     stack.settle(expected)  # the last fault too: every worker consumes again
     return rows

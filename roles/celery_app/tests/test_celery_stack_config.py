@@ -32,7 +32,7 @@ def deployed(tmp_path, monkeypatch):
     def install(declare=True, secrets=None, quorum=True, extra=None):
         python = tmp_path / "python"
         python.mkdir(exist_ok=True)
-        for name in ("celery_stack_config.py", "celery_stack_app.py"):
+        for name in ("celery_stack_config.py", "celery_stack_app.py", "celery_stack_results.py"):
             shutil.copy(ROLE / "files/etc/celery-stack/python" / name, python / name)
         table = routing.routing_table(TABLE, "rabbitmq", quorum)
         settings = routing.celery_settings(table, "", "rabbitmq", {"task_acks_late": True, **(extra or {})})
@@ -50,7 +50,7 @@ def deployed(tmp_path, monkeypatch):
                                               "app.conf.task_acks_late = False\napp.conf.result_expires = 60\n")
         monkeypatch.syspath_prepend(str(python))
         monkeypatch.syspath_prepend(str(tmp_path))
-        for module in ("celery_stack_config", "celery_stack_app", "acme_app"):
+        for module in ("celery_stack_config", "celery_stack_app", "celery_stack_results", "acme_app"):
             sys.modules.pop(module, None)
         return importlib.import_module("celery_stack_config")
 
@@ -75,6 +75,23 @@ def test_routes_queues_and_reliability_win_over_the_apps_own(deployed, monkeypat
     assert app.conf.broker_url.startswith("amqp://u:p@mq1") and app.conf.result_backend.startswith("redis://")
     assert not io.no_declare
     assert [entry["name"] for entry in config.ROUTING_TABLE] == ["io", "cpu"] and config.DEFAULT_QUEUE == "io"
+
+
+@pytest.mark.parametrize("url", ["redis://r:s@redis1:6379/0", "rediss://r:s@redis1:6379/0"])
+def test_a_redis_result_backend_is_the_deployments(deployed, monkeypatch, url):
+    """Celery's Redis backend with celery_stack_results' consumer (a lost notification re-read),
+    chosen by the URL's scheme; the result_backend setting stays as the deployment wrote it."""
+    from celery.app import backends
+    from celery.backends.redis import RedisBackend, ResultConsumer
+
+    monkeypatch.setenv("CELERY_STACK_BROKER_URL", "amqp://u:p@mq1:5672/celery")
+    monkeypatch.setenv("CELERY_STACK_RESULT_BACKEND", url)
+    app = deployed().apply(Celery("acme", set_as_current=False))
+    backend, backend_url = backends.by_url(app.conf.result_backend, app.loader)
+    assert backend.__module__ == "celery_stack_results" and issubclass(backend, RedisBackend)
+    assert issubclass(backend.ResultConsumer, ResultConsumer) and backend_url == url == app.conf.result_backend
+    # another app of the process keeps Celery's own
+    assert backends.by_url(url, Celery("other", set_as_current=False).loader)[0] is RedisBackend
 
 
 def test_the_wrapper_keeps_what_the_deployment_does_not_set(deployed, monkeypatch):

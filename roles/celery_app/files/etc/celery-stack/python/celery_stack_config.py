@@ -158,7 +158,14 @@ def settings():
     return conf
 
 
+# The deployment's Redis result backend (celery_stack_results.py next to this file: Celery's own,
+# with a result's notification that cannot be lost), by the schemes of the result_backend URL.
+RESULT_BACKENDS = {"redis": "celery_stack_results:RedisBackend", "rediss": "celery_stack_results:RedisBackend"}
+
+
 def apply(app):
     """Apply the deployment's settings on top of the application's own configuration."""
     app.conf.update(settings())
+    # The loader's own aliases, for this app only (the class attribute is shared by every loader).
+    app.loader.override_backends = {**app.loader.override_backends, **RESULT_BACKENDS}
     return app
