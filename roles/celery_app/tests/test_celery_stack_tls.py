@@ -84,6 +84,28 @@ def pki(tmp_path):
     }
 
 
+def _listen(context, address, sockets, on_handshake):
+    """A loopback TLS listener with this context, in a thread: on_handshake(error or None, socket)
+    for each connection, whose socket closes right after. Returns its port."""
+    listener = socket.create_server((address, 0))
+    sockets.append(listener)
+
+    def serve():
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(raw, server_side=True) as tls:
+                    on_handshake(None, tls)
+            except (ssl.SSLError, OSError) as error:
+                on_handshake(error, None)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
 @pytest.fixture
 def tls_server():
     """start(cert, key) -> port of a loopback TLS listener that shakes hands and closes."""
@@ -92,23 +114,7 @@ def tls_server():
     def start(cert, key, address="127.0.0.1"):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
-        listener = socket.create_server((address, 0))
-        sockets.append(listener)
-
-        def serve():
-            while True:
-                try:
-                    raw, _ = listener.accept()
-                except OSError:
-                    return
-                try:
-                    with context.wrap_socket(raw, server_side=True):
-                        pass
-                except (ssl.SSLError, OSError):
-                    pass  # the client refused our certificate
-
-        threading.Thread(target=serve, daemon=True).start()
-        return listener.getsockname()[1]
+        return _listen(context, address, sockets, lambda error, tls: None)  # a refusal is the client's
 
     yield start
     for listener in sockets:
@@ -127,25 +133,13 @@ def mtls_server(pki):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=pki["ca"])
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_cert_chain(pki["mq1"], pki["server_key"])
-        listener = socket.create_server(("127.0.0.1", 0))
-        sockets.append(listener)
         handshakes = []
 
-        def serve():
-            while True:
-                try:
-                    raw, _ = listener.accept()
-                except OSError:
-                    return
-                try:
-                    with context.wrap_socket(raw, server_side=True) as tls:
-                        subject = dict(field[0] for field in tls.getpeercert()["subject"])
-                        handshakes.append(subject["commonName"])
-                except (ssl.SSLError, OSError) as error:
-                    handshakes.append(f"refused: {error}")
+        def record(error, tls):
+            handshakes.append(f"refused: {error}" if error else
+                              dict(field[0] for field in tls.getpeercert()["subject"])["commonName"])
 
-        threading.Thread(target=serve, daemon=True).start()
-        return listener.getsockname()[1], handshakes
+        return _listen(context, "127.0.0.1", sockets, record), handshakes
 
     yield start
     for listener in sockets:
