@@ -21,6 +21,7 @@ import re
 
 import pytest
 import yaml
+from deployed_tls import tls_ca
 
 if os.environ.get("MOLECULE_INVENTORY_FILE"):
     import testinfra.utils.ansible_runner
@@ -52,19 +53,6 @@ ADMIN_PASSWORD = os.environ.get(
 )
 ADMIN_OLD_PASSWORD = os.environ.get("RABBITMQ_TEST_ADMIN_OLD_PASSWORD")
 
-# The deployment's CA bundle: on the host when celery_stack_tls is on (roles/tls). The broker then
-# has no plain listener, also not on loopback: the clients below speak TLS to 127.0.0.1, which the
-# certificate names, and check it against this bundle.
-TLS_CA = "/etc/celery-stack/tls/ca.crt"
-_TLS = {}
-
-
-def tls_ca(host):
-    """The CA bundle's path when the deployment uses TLS on this host, else "" (one look per host)."""
-    name = host.backend.get_hostname()
-    if name not in _TLS:
-        _TLS[name] = TLS_CA if host.file(TLS_CA).exists else ""
-    return _TLS[name]
 
 
 # argv: MECHANISM USER PASSWORD VHOST ACTION [CA]   (ACTION: open | roundtrip; CA: over TLS, port 5671)

@@ -18,6 +18,7 @@ import uuid
 
 import pytest
 import yaml
+from deployed_tls import tls_ca
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 INVENTORY_VARS = REPO / "inventories" / "local" / "group_vars" / "all"
@@ -44,23 +45,12 @@ SECRETS = [ADMIN[1], RESULTS[1], BROKER[1]]
 testinfra_hosts = ["ansible://redis"] if os.environ.get("MOLECULE_INVENTORY_FILE") else []
 
 
-# The deployment's CA bundle: on the host when celery_stack_tls is on (roles/tls). Redis then has
-# no plain port: redis-cli speaks TLS to 127.0.0.1, which the certificate names.
-TLS_CA = "/etc/celery-stack/tls/ca.crt"
-_TLS = {}
-
-
-def _tls_args(host):
-    if host not in _TLS:
-        _TLS[host] = f"--tls --cacert {TLS_CA} " if host.file(TLS_CA).exists else ""
-    return _TLS[host]
-
-
 def cli(host, *args, user=None, password=None):
     """Run redis-cli as USER (None: unauthenticated); the password travels in the environment."""
     env = f"REDISCLI_AUTH={shlex.quote(password)} " if password is not None else ""
     auth = f"--user {shlex.quote(user)} " if user is not None else ""
-    cmd = f"{env}redis-cli --no-auth-warning {_tls_args(host)}-h 127.0.0.1 -p {PORT} {auth}" + " ".join(
+    tls = f"--tls --cacert {tls_ca(host)} " if tls_ca(host) else ""
+    cmd = f"{env}redis-cli --no-auth-warning {tls}-h 127.0.0.1 -p {PORT} {auth}" + " ".join(
         shlex.quote(a) for a in args)
     return host.run(cmd)
 
@@ -118,9 +108,9 @@ def write_app(host):
 def url(host, user_password, db=0):
     """A Celery URL of a Redis user; over TLS when the host has the CA (kombu and Celery's
     backend read the ssl_* query parameters)."""
-    if _tls_args(host):
+    if tls_ca(host):
         return (f"rediss://{user_password[0]}:{user_password[1]}@127.0.0.1:{PORT}/{db}"
-                f"?ssl_cert_reqs=required&ssl_ca_certs={TLS_CA}")
+                f"?ssl_cert_reqs=required&ssl_ca_certs={tls_ca(host)}")
     return f"redis://{user_password[0]}:{user_password[1]}@127.0.0.1:{PORT}/{db}"
 
 
@@ -161,7 +151,7 @@ def test_configuration_in_force(host):
     assert config["appendfsync"] == "everysec"
     assert config["aclfile"] == "/etc/redis/users.acl"
     # With TLS (celery_stack_tls) the TLS port is the only one: no plain port, not even on loopback.
-    assert (config["port"], config["tls-port"]) == (("0", str(PORT)) if _tls_args(host) else (str(PORT), "0"))
+    assert (config["port"], config["tls-port"]) == (("0", str(PORT)) if tls_ca(host) else (str(PORT), "0"))
 
 
 def test_no_plaintext_secret_on_disk(host):
