@@ -73,6 +73,18 @@ if ! command -v tcpdump >/dev/null && [ ! -x /usr/sbin/tcpdump ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tcpdump >/dev/null
 fi
+# promtool: the unit tests run the alert rules against their promtool tests
+# (roles/celery_monitoring/tests). Debian's prometheus package has it; only the binary is
+# unpacked into .cache (installing the package would start a Prometheus on this machine).
+if ! command -v promtool >/dev/null && [ ! -x "$cache/promtool/usr/bin/promtool" ]; then
+  is_debian || die "promtool is missing: install Prometheus's promtool (the unit tests run the alert rules' tests with it)."
+  say "unpacking promtool from Debian's prometheus package into $cache/promtool"
+  as_root apt-get update -qq
+  (cd "$cache" && rm -f prometheus_*.deb && apt-get download -qq prometheus \
+    && dpkg-deb -x prometheus_*.deb "$cache/promtool.tmp" && rm -f prometheus_*.deb)
+  mkdir -p "$cache/promtool/usr/bin"
+  mv "$cache/promtool.tmp/usr/bin/promtool" "$cache/promtool/usr/bin/promtool" && rm -rf "$cache/promtool.tmp"
+fi
 
 # --- 3. base images ----------------------------------------------------------------------------
 recipe="$root/molecule/shared/images/recipe.sh"

@@ -35,11 +35,11 @@ lint() {
   done
 }
 # The stack's derived decisions (the celery_stack.core filters) and the settings module every
-# host imports (with real Celery), as plain Python.
+# host imports (with real Celery), as plain Python; the alert rules through promtool's tests.
 unit() {
-  echo "[test] unit tests: the collection celery_stack.core and the settings module of the hosts"
+  echo "[test] unit tests: the collection celery_stack.core, the settings module of the hosts, the alert rules (promtool)"
   python -m pytest -q -p no:cacheprovider collections/ansible_collections/celery_stack/core/tests/unit \
-    roles/celery_app/tests roles/celery_worker/tests
+    roles/celery_app/tests roles/celery_worker/tests roles/celery_monitoring/tests
 }
 # A failed scenario ends with the tests that failed: CI keeps only the end of the output, where
 # Molecule's own summary says just "Verifier tests failed".

@@ -30,7 +30,8 @@ from ansible_collections.celery_stack.core.plugins.module_utils.stack_descriptio
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-PREFIXES = ("celery_stack_", "celery_app_", "celery_worker_", "celery_flower_", "rabbitmq_", "redis_", "tls_")
+PREFIXES = ("celery_stack_", "celery_app_", "celery_worker_", "celery_flower_", "celery_monitoring_", "rabbitmq_",
+            "redis_", "tls_")
 # Tags RabbitMQ knows (docs: management, "Management UI Access"); any other is ignored by it.
 RABBITMQ_TAGS = ("administrator", "monitoring", "policymaker", "management", "impersonator")
 RABBITMQ_USER = re.compile(r"^[A-Za-z0-9_.@-]+$")
@@ -737,10 +738,64 @@ def flower_problems(settings, monitoring=False):
     return found
 
 
+# A Prometheus duration (model.ParseDuration): units from the largest down, each at most once.
+PROMETHEUS_DURATION = re.compile(r"^((\d+)y)?((\d+)w)?((\d+)d)?((\d+)h)?((\d+)m)?((\d+)s)?((\d+)ms)?$")
+MONITORING_DURATIONS = (
+    "celery_monitoring_group_wait", "celery_monitoring_group_interval", "celery_monitoring_repeat_interval",
+    "celery_monitoring_queue_without_consumer_for", "celery_monitoring_queue_growing_for",
+    "celery_monitoring_dead_letter_for", "celery_monitoring_worker_offline_for", "celery_monitoring_task_failure_for",
+    "celery_monitoring_target_down_for", "celery_monitoring_scrape_interval", "celery_monitoring_evaluation_interval",
+    "celery_monitoring_retention")
+MONITORING_RATIOS = ("celery_monitoring_task_failure_ratio", "celery_monitoring_redis_memory_ratio")
+LOOPBACK = re.compile(r"^(127\.|::1$|localhost$)")
+
+
+def monitoring_problems(settings, flower_hosts=(), flower_settings=None, host=""):
+    """The celery_monitoring_* variables as the inventory gives them (name -> value) on a
+    monitoring host `host`. flower_hosts: the Flower hosts Prometheus scrapes; flower_settings:
+    the first one's celery_flower_users and celery_flower_address (name -> value)."""
+    found = []
+    receiver = settings.get("celery_monitoring_receiver")
+    if not isinstance(receiver, dict) or not any(k.endswith("_configs") and v for k, v in receiver.items()):
+        found.append("celery_monitoring_receiver must name where Alertmanager sends the alerts, as an Alertmanager "
+                     "receiver without its name, e.g. {webhook_configs: [{url: https://...}]} or {email_configs: [...]}: "
+                     "a Prometheus that tells nobody is what celery_monitoring exists to end")
+    elif "name" in receiver:
+        found.append("celery_monitoring_receiver has a name: leave it out, the role names its one receiver")
+    for name in MONITORING_DURATIONS:
+        value = str(settings.get(name, ""))
+        if not value or not PROMETHEUS_DURATION.match(value) or not re.search(r"[1-9]", value):
+            found.append(f"{name} must be a Prometheus duration such as 30s, 5m or 1h30m, got {settings.get(name)!r}")
+    for name in MONITORING_RATIOS:
+        value = settings.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            found.append(f"{name} must be a number between 0 and 1 (a share), got {value!r}")
+    found += _at_least(settings, "celery_monitoring_queue_depth", 1)
+    found += _at_least(settings, "celery_monitoring_health_restarts_per_hour", 1)
+    found += _at_least(settings, "celery_monitoring_certificate_days", 1)
+    for name in ("celery_monitoring_prometheus_port", "celery_monitoring_alertmanager_port"):
+        port = _int(settings.get(name))
+        if port is None or not 1 <= port <= 65535:
+            found.append(f"{name} must be a port number (1-65535), got {settings.get(name)!r}")
+    if flower_hosts:
+        flower = flower_settings or {}
+        users = [u.get("name") for u in flower.get("celery_flower_users") or [] if isinstance(u, dict)]
+        wanted = settings.get("celery_monitoring_flower_user")
+        if wanted and wanted not in users:
+            found.append(f"celery_monitoring_flower_user is {wanted!r}, which is not one of celery_flower_users "
+                         f"({', '.join(map(str, users)) or 'none'}): Prometheus scrapes Flower's /metrics as one of them")
+        address = str(flower.get("celery_flower_address") or "127.0.0.1")
+        if LOOPBACK.match(address) and host != flower_hosts[0]:
+            found.append(f"celery_flower_address is {address} on {flower_hosts[0]}: Prometheus on {host} cannot reach "
+                         "Flower there. Let Flower listen on an address the monitoring host reaches (with "
+                         "celery_stack_tls on), or put the monitoring host on the Flower host")
+    return found
+
+
 class FilterModule:
     def filters(self):
         return {f.__name__: f for f in (
             known_variables, unknown_variables, stack_problems, table_shape_problems, rabbitmq_cluster_problems, route_pattern_problems, app_problems,
             environment_problems, rabbitmq_problems, rabbitmq_user_problems, served_versions,
             version_problems, redis_problems, redis_user_problems, worker_problems, worker_warnings,
-            flower_problems, secret_problems)}
+            flower_problems, monitoring_problems, secret_problems)}

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 # collections/ on the import path, as Ansible's collection loader would put it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[7]))
@@ -353,3 +354,51 @@ def test_flower_settings():
     message = one(preflight.flower_problems(dict(settings, celery_flower_users=[{"name": "ops", "password": "a:b-c,d-e-f-g"}])),
                   "celery_flower_users[0] (ops).password contains ':' or ','")
     assert "a:b-c" not in message
+
+
+# --- celery_monitoring -------------------------------------------------------------------------
+
+MONITORING_DEFAULTS = yaml.safe_load((ROOT / "roles/celery_monitoring/defaults/main.yml").read_text())
+
+
+def monitoring(**overrides):
+    return {**MONITORING_DEFAULTS, "celery_monitoring_receiver": {"webhook_configs": [{"url": "http://127.0.0.1:9099/"}]},
+            **overrides}
+
+
+def test_the_monitoring_defaults_pass_with_a_receiver():
+    assert preflight.monitoring_problems(monitoring()) == []
+    flower = {"celery_flower_users": [{"name": "ops", "password": "x" * 12}], "celery_flower_address": "0.0.0.0"}
+    assert preflight.monitoring_problems(monitoring(), ["worker2"], flower, "mon") == []
+
+
+def test_monitoring_without_a_receiver_is_refused():
+    one(preflight.monitoring_problems(dict(MONITORING_DEFAULTS)), "celery_monitoring_receiver must name where")
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_receiver={"webhook_configs": []})),
+        "celery_monitoring_receiver must name where")
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_receiver={"name": "x", "webhook_configs": [{}]})),
+        "celery_monitoring_receiver has a name")
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "5", "", "0s", "5m3h", None])
+def test_monitoring_durations_are_prometheus_durations(value):
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_queue_without_consumer_for=value)),
+        "celery_monitoring_queue_without_consumer_for must be a Prometheus duration")
+
+
+def test_monitoring_ratios_ports_and_counts():
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_task_failure_ratio=10)),
+        "celery_monitoring_task_failure_ratio must be a number between 0 and 1")
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_redis_memory_ratio=True)), "between 0 and 1")
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_prometheus_port=0)), "celery_monitoring_prometheus_port")
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_queue_depth=0)), "celery_monitoring_queue_depth")
+
+
+def test_prometheus_must_reach_flower_as_one_of_its_users():
+    flower = {"celery_flower_users": [{"name": "ops", "password": "x" * 12}], "celery_flower_address": "127.0.0.1"}
+    one(preflight.monitoring_problems(monitoring(), ["worker2"], flower, "mon"),
+        "celery_flower_address is 127.0.0.1 on worker2: Prometheus on mon cannot reach")
+    assert preflight.monitoring_problems(monitoring(), ["worker2"], flower, "worker2") == []
+    one(preflight.monitoring_problems(monitoring(celery_monitoring_flower_user="prom"), ["worker2"],
+                                      dict(flower, celery_flower_address="10.0.0.2"), "mon"),
+        "celery_monitoring_flower_user is 'prom', which is not one of celery_flower_users (ops)")
