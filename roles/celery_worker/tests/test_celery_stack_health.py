@@ -69,3 +69,74 @@ def test_progress_counts_only_for_the_same_process_with_more_tasks_completed(tmp
     # io-prefork was restarted (another pid): its count says nothing about this process
     assert health.busy(progress, previous) == {"io-threads"}
     assert health.busy(progress, {"io-threads": [7, 120]}) == set()
+
+
+# --- --metrics: the restarts as a Prometheus textfile (celery_stack_exporters) -------------------
+
+def test_restart_counters_start_at_zero_and_follow_the_watched_instances():
+    assert health.count_restarts({}, [], ["io-threads", "io-prefork"]) == {"io-prefork": 0, "io-threads": 0}
+    restarts = health.count_restarts({"io-threads": 2, "gone-prefork": 5}, ["io-threads"], ["io-threads", "cpu-prefork"])
+    assert restarts == {"cpu-prefork": 0, "io-threads": 3}
+
+
+def test_the_metrics_text_names_every_unit_and_the_run():
+    text = health.metrics_text({"io-threads": 3, "cpu-prefork": 0}, 1700000000.25)
+    assert "# TYPE celery_stack_health_restarts_total counter\n" in text
+    assert 'celery_stack_health_restarts_total{unit="celery-worker@io-threads.service"} 3\n' in text
+    assert 'celery_stack_health_restarts_total{unit="celery-worker@cpu-prefork.service"} 0\n' in text
+    assert text.endswith("celery_stack_health_last_run_timestamp_seconds 1700000000.250\n")
+
+
+def test_the_metrics_file_is_replaced_whole_and_world_readable(tmp_path):
+    target = tmp_path / "celery-stack-health.prom"
+    target.write_text("old")
+    assert health.write_metrics(str(target), "new\n")
+    assert target.read_text() == "new\n"
+    assert target.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["celery-stack-health.prom"]  # no temporary file left
+
+
+def test_a_metrics_directory_that_cannot_be_written_is_no_failure(tmp_path, capsys):
+    assert not health.write_metrics(str(tmp_path / "missing" / "x.prom"), "text\n")
+    assert "metrics not written" in capsys.readouterr().out
+
+
+def _run(tmp_path, monkeypatch, answered, ages=None):
+    """One run of main() with systemd and the broker replaced: `answered` (None: broker down)."""
+    workers = tmp_path / "workers.json"
+    workers.write_text('[{"instance": "io-threads"}, {"instance": "io-prefork"}]')
+    monkeypatch.setattr(health, "unit_ages", lambda names: dict(ages if ages is not None else
+                                                                {n: 300 for n in names}))
+    monkeypatch.setattr(health, "ping", lambda names, host, timeout: answered)
+    monkeypatch.setattr(health, "read_progress", lambda names: {})
+    restarted = []
+    monkeypatch.setattr(health.subprocess, "run", lambda argv, check: restarted.append(argv[-1]))
+    metrics = tmp_path / "health.prom"
+    assert health.main(["--workers", str(workers), "--state", str(tmp_path / "state.json"), "--failures", "2",
+                        "--metrics", str(metrics)]) == 0
+    return restarted, metrics.read_text()
+
+
+def test_the_counter_goes_up_with_each_restart_and_survives_the_runs_between(tmp_path, monkeypatch):
+    io_threads = 'celery_stack_health_restarts_total{unit="celery-worker@io-threads.service"}'
+    io_prefork = 'celery_stack_health_restarts_total{unit="celery-worker@io-prefork.service"}'
+    restarted, text = _run(tmp_path, monkeypatch, {"io-prefork"})
+    assert restarted == [] and f"{io_threads} 0\n" in text and f"{io_prefork} 0\n" in text
+    restarted, text = _run(tmp_path, monkeypatch, {"io-prefork"})
+    assert restarted == ["celery-worker@io-threads.service"] and f"{io_threads} 1\n" in text
+    # runs without a verdict (broker unreachable, no active instance) still write the metrics
+    restarted, text = _run(tmp_path, monkeypatch, None)
+    assert restarted == [] and f"{io_threads} 1\n" in text
+    restarted, text = _run(tmp_path, monkeypatch, set(), ages={})
+    assert f"{io_threads} 1\n" in text and "celery_stack_health_last_run_timestamp_seconds" in text
+    _run(tmp_path, monkeypatch, {"io-prefork"})
+    restarted, text = _run(tmp_path, monkeypatch, {"io-prefork"})
+    assert f"{io_threads} 2\n" in text and f"{io_prefork} 0\n" in text
+
+
+def test_without_metrics_no_file_is_written(tmp_path, monkeypatch):
+    workers = tmp_path / "workers.json"
+    workers.write_text('[{"instance": "io-threads"}]')
+    monkeypatch.setattr(health, "unit_ages", lambda names: {})
+    assert health.main(["--workers", str(workers), "--state", str(tmp_path / "state.json")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "workers.json"]

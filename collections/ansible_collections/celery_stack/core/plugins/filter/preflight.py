@@ -31,7 +31,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
 PREFIXES = ("celery_stack_", "celery_app_", "celery_worker_", "celery_flower_", "celery_monitoring_", "rabbitmq_",
-            "redis_", "tls_")
+            "redis_", "tls_", "prometheus_exporters_")
 # Tags RabbitMQ knows (docs: management, "Management UI Access"); any other is ignored by it.
 RABBITMQ_TAGS = ("administrator", "monitoring", "policymaker", "management", "impersonator")
 RABBITMQ_USER = re.compile(r"^[A-Za-z0-9_.@-]+$")
@@ -279,19 +279,28 @@ def stack_problems(stack, groups):
         redis_users.append(("celery_stack_redis_broker_user", stack.get("celery_stack_redis_broker_user", "")))
         found += secret_problems("celery_stack_redis_broker_password",
                                  stack.get("celery_stack_redis_broker_password"), 16)
+    # The exporters (celery_stack_exporters) on a stack with Redis: redis_exporter's own ACL user.
+    if as_bool(stack.get("celery_stack_exporters")) and groups.get("redis"):
+        redis_users.append(("celery_stack_redis_exporter_user", stack.get("celery_stack_redis_exporter_user",
+                                                                           "celery-stack-exporter")))
+        found += secret_problems("celery_stack_redis_exporter_password",
+                                 stack.get("celery_stack_redis_exporter_password"), 16)
     for name, value in redis_users:
         found += _name_problems(name, value, REDIS_USER, "Redis ACL user name (letters, digits, . _ -)")
         if value == "default":
             found.append(f"{name} is 'default', Redis's default user (switched off): give the application's user "
                          "a name of its own")
-    if len(redis_users) == 2 and redis_users[0][1] == redis_users[1][1]:
-        found.append("celery_stack_redis_broker_user and celery_stack_redis_results_user are the same name: "
-                     "the broker and the result store get one user each, with different key rights")
+    for i, (name, value) in enumerate(redis_users):
+        for other, other_value in redis_users[i + 1:]:
+            if value == other_value:
+                found.append(f"{other} and {name} are the same name: each client of Redis gets a user of its "
+                             "own, with different key and command rights")
 
     # One secret, one use: a leaked producer password must not open the workers' user.
     secrets = [(n, stack.get(n)) for n in ("celery_stack_broker_password", "celery_stack_producer_password",
                                              "celery_stack_redis_results_password",
-                                             "celery_stack_redis_broker_password")]
+                                             "celery_stack_redis_broker_password",
+                                             "celery_stack_redis_exporter_password")]
     secrets = [(n, v) for n, v in secrets if isinstance(v, str) and v]
     for i, (name, value) in enumerate(secrets):
         for other, other_value in secrets[i + 1:]:

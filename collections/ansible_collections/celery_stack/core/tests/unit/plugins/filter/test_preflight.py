@@ -402,3 +402,34 @@ def test_prometheus_must_reach_flower_as_one_of_its_users():
     one(preflight.monitoring_problems(monitoring(celery_monitoring_flower_user="prom"), ["worker2"],
                                       dict(flower, celery_flower_address="10.0.0.2"), "mon"),
         "celery_monitoring_flower_user is 'prom', which is not one of celery_flower_users (ops)")
+
+
+# --- the exporters (celery_stack_exporters) ----------------------------------------------------
+
+def test_the_redis_exporters_password_is_required_only_with_exporters_and_redis():
+    exporters = dict(STACK, celery_stack_exporters=True)
+    one(preflight.stack_problems(exporters, GROUPS), "celery_stack_redis_exporter_password is not set")
+    assert preflight.stack_problems(exporters, dict(GROUPS, redis=[])) == []
+    assert preflight.stack_problems(dict(STACK, celery_stack_exporters=False), GROUPS) == []
+    assert preflight.stack_problems(dict(exporters, celery_stack_redis_exporter_password="exporter-secret-16+"),
+                                    GROUPS) == []
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"celery_stack_redis_exporter_password": "short-secret"}, "celery_stack_redis_exporter_password is shorter than 16"),
+    ({"celery_stack_redis_exporter_password": "results-secret-16+"},
+     "celery_stack_redis_exporter_password is the same as celery_stack_redis_results_password"),
+    ({"celery_stack_redis_exporter_user": "celery-results"},
+     "celery_stack_redis_exporter_user and celery_stack_redis_results_user are the same name"),
+    ({"celery_stack_redis_exporter_user": "default"}, "celery_stack_redis_exporter_user is 'default'"),
+    ({"celery_stack_redis_exporter_user": "exp orter"}, "celery_stack_redis_exporter_user 'exp orter' is not a valid"),
+])
+def test_one_exporter_user_mistake_one_message(change, expected):
+    stack = dict(STACK, celery_stack_exporters=True, celery_stack_redis_exporter_password="exporter-secret-16+")
+    message = one(preflight.stack_problems(dict(stack, **change), GROUPS), expected)
+    assert "exporter-secret-16+" not in message and "short-secret" not in message
+
+
+def test_the_exporters_prefix_is_the_bundles():
+    one(preflight.unknown_variables(["prometheus_exporters_node_prot"], ["prometheus_exporters_node_port"]),
+        "did you mean prometheus_exporters_node_port?")
