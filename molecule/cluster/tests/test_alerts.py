@@ -1,7 +1,7 @@
 """Someone is told (issue 23): Prometheus and Alertmanager on the monitoring host (group
 celery_monitoring, roles/celery_monitoring) scrape every target over TLS, evaluate the bundle's
-rules, and what fires reaches the receiver: prepare.yml's webhook (molecule/cluster/webhook.py)
-on the monitoring host, which writes each delivery to RECEIVED.
+rules, and what fires reaches the receiver: the webhook (molecule/shared/webhook.py, started by
+molecule/shared/prepare.yml) on the monitoring host, which writes each delivery to RECEIVED.
 
 - every scrape target answers (the broker nodes, their per-queue detail, Flower, the exporters);
 - the rules are loaded and evaluate without error;

@@ -16,7 +16,7 @@ client certificate of the CA (the host's own: roles/tls issues them for clientAu
   the watchdog would restart it first) raises its counter by one.
 
 Every test skips on a host where celery_stack_exporters is off (the default without a host in
-the group celery_monitoring). Against the local stack (inventories/local turns them on):
+the group celery_monitoring). Against the local stack (it has a monitoring host):
   pytest -p no:cacheprovider -v --hosts='ansible://all' --ansible-inventory=inventories/local \\
     --connection=ansible molecule/cluster/tests/test_exporters.py
 """

@@ -781,6 +781,7 @@ def monitoring_problems(settings, flower_hosts=(), flower_settings=None, host=""
             found.append(f"{name} must be a number between 0 and 1 (a share), got {value!r}")
     found += _at_least(settings, "celery_monitoring_queue_depth", 1)
     found += _at_least(settings, "celery_monitoring_health_restarts_per_hour", 1)
+    found += _at_least(settings, "celery_monitoring_health_check_stale_after", 60, " seconds")
     found += _at_least(settings, "celery_monitoring_certificate_days", 1)
     for name in ("celery_monitoring_prometheus_port", "celery_monitoring_alertmanager_port"):
         port = _int(settings.get(name))

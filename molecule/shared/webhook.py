@@ -1,7 +1,8 @@
-"""A webhook receiver for Alertmanager, for the cluster scenario only: every POST's JSON body is
+"""A webhook receiver for Alertmanager, for the test stacks only: every POST's JSON body is
 appended as one line to the file given (argv[2]), listening on 127.0.0.1:argv[1].
-tests/test_alerts.py reads that file to see which alerts reached a person's inbox, and when.
-prepare.yml runs it on the monitoring host as a transient systemd unit."""
+molecule/cluster/tests/test_alerts.py reads that file to see which alerts reached a person's
+inbox, and when. molecule/shared/prepare.yml runs it on the monitoring hosts (the cluster
+scenario's, the local stack's) as a transient systemd unit."""
 
 import http.server
 import json
