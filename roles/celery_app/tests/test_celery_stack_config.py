@@ -29,7 +29,7 @@ TABLE = [
 def deployed(tmp_path, monkeypatch):
     """Install the module and its JSON in a temporary directory, as the role does on a host."""
 
-    def install(declare=True, secrets=None, quorum=True, extra=None):
+    def install(declare=True, secrets=None, quorum=True, extra=None, broker="rabbitmq"):
         python = tmp_path / "python"
         python.mkdir(exist_ok=True)
         for name in ("celery_stack_config.py", "celery_stack_app.py", "celery_stack_results.py"):
@@ -38,7 +38,7 @@ def deployed(tmp_path, monkeypatch):
         settings = routing.celery_settings(table, "", "rabbitmq", {"task_acks_late": True, **(extra or {})})
         (python / "celery_stack_config.json").write_text(json.dumps({
             "app_module": "acme_app:app",
-            "broker_type": "rabbitmq",
+            "broker_type": broker,
             "table": table,
             "secrets_file": str(tmp_path / "celery.env"),
             "declare_queues": declare,
@@ -181,3 +181,37 @@ def test_only_prefork_workers_cancel_running_tasks_on_a_lost_connection(deployed
         # NotImplementedError (revisit POOL_SETTINGS when Celery implements it)
         assert get_implementation("threads").terminate_job is BasePool.terminate_job
     assert app.conf[setting] is (cancels if cancels is not None else False)
+
+
+@pytest.mark.parametrize("broker, stamped", [("rabbitmq", True), ("redis", False)])
+def test_task_messages_carry_the_time_they_were_sent_on_rabbitmq(deployed, monkeypatch, broker, stamped):
+    """RabbitMQ tells the age of a queue's oldest task only from the AMQP timestamp."""
+    import time
+
+    import amqp
+    from celery import signals
+
+    signals.before_task_publish.disconnect(dispatch_uid="celery_stack_config.stamp_publish_time")
+    module = deployed(broker=broker)
+    monkeypatch.setenv("CELERY_STACK_BROKER_URL", "memory://")
+    monkeypatch.setenv("CELERY_STACK_RESULT_BACKEND", "cache+memory://")
+    app = module.apply(Celery("acme"))
+    seen = []
+
+    def record(properties=None, **_):
+        seen.append(dict(properties))
+
+    signals.before_task_publish.connect(record, weak=False)
+    try:
+        before = int(time.time())
+        app.send_task("acme.tasks.crawl_page", args=[1])
+    finally:
+        signals.before_task_publish.disconnect(record)
+        signals.before_task_publish.disconnect(dispatch_uid="celery_stack_config.stamp_publish_time")
+    assert len(seen) == 1
+    if stamped:
+        assert before <= seen[0]["timestamp"] <= time.time()
+        # as py-amqp writes it on the wire to RabbitMQ
+        assert amqp.Message(b"{}", timestamp=seen[0]["timestamp"])._serialize_properties()
+    else:
+        assert "timestamp" not in seen[0]

@@ -780,6 +780,7 @@ def monitoring_problems(settings, flower_hosts=(), flower_settings=None, host=""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             found.append(f"{name} must be a number between 0 and 1 (a share), got {value!r}")
     found += _at_least(settings, "celery_monitoring_queue_depth", 1)
+    found += _at_least(settings, "celery_monitoring_queue_oldest_task_seconds", 1, " seconds")
     found += _at_least(settings, "celery_monitoring_health_restarts_per_hour", 1)
     found += _at_least(settings, "celery_monitoring_health_check_stale_after", 60, " seconds")
     found += _at_least(settings, "celery_monitoring_certificate_days", 1)

@@ -25,8 +25,10 @@ EnvironmentFile, readable by root and the application's group only.
 import json
 import os
 import ssl
+import time
 from pathlib import Path
 
+from celery import signals
 from kombu import Exchange, Queue
 
 DATA_FILE = Path(__file__).with_suffix(".json")
@@ -163,9 +165,24 @@ def settings():
 RESULT_BACKENDS = {"redis": "celery_stack_results:RedisBackend", "rediss": "celery_stack_results:RedisBackend"}
 
 
+def stamp_publish_time(properties=None, **_):
+    """before_task_publish: the AMQP timestamp of every task message, the time it was sent, in
+    whole seconds (py-amqp packs the property as an integer: a datetime fails the publish). Celery
+    sets none, and RabbitMQ reports the age of a classic queue's oldest ready message
+    (head_message_timestamp, which the alert CeleryQueueOldestTask reads) only from it; quorum
+    queues report none (RabbitMQ 4.0). A retry is a new message, with a new time."""
+    if properties is not None:
+        properties.setdefault("timestamp", int(time.time()))
+
+
 def apply(app):
     """Apply the deployment's settings on top of the application's own configuration."""
     app.conf.update(settings())
     # The loader's own aliases, for this app only (the class attribute is shared by every loader).
     app.loader.override_backends = {**app.loader.override_backends, **RESULT_BACKENDS}
+    # On RabbitMQ only: the Redis transport writes the properties as JSON, which has no datetime.
+    # Signals are process-wide: dispatch_uid connects it once however many apps apply this.
+    if BROKER_TYPE == "rabbitmq":
+        signals.before_task_publish.connect(stamp_publish_time, weak=False,
+                                            dispatch_uid=__name__ + ".stamp_publish_time")
     return app
