@@ -33,7 +33,7 @@ from cryptography import x509
 
 # The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from stack_hosts import INVENTORY, TLS_CA  # noqa: E402
+from stack_hosts import INVENTORY, TLS_CA, group_hosts, inventory_host  # noqa: E402
 
 STACK_GROUPS = ("rabbitmq", "redis", "celery_workers", "celery_producers", "celery_monitoring")
 testinfra_hosts = [f"ansible://{group}" for group in STACK_GROUPS] if INVENTORY else []
@@ -115,6 +115,14 @@ def _metric(body, name, labels=""):
     return float(found.group(1)) if found else None
 
 
+def _consumers(host, queue):
+    """The consumers of a routed queue, as the first broker counts them."""
+    broker = inventory_host(group_hosts("rabbitmq")[0])
+    listing = broker.check_output("rabbitmqctl -q list_queues -p %s name consumers --formatter json",
+                                  _vars(host).get("celery_stack_broker_vhost", "celery"))
+    return {q["name"]: q["consumers"] for q in json.loads(listing)}.get(queue)
+
+
 def _tls_on(host):
     return host.file(TLS_CA).exists
 
@@ -178,6 +186,7 @@ def test_a_worker_restarted_by_the_health_check_raises_its_counter(exporters):
     labels = f'{{unit="{unit}"}}'
     dropin = f"/run/systemd/system/{unit}.d"
     before = _metric(_scrape(host, NODE_DEFAULT)["body"], RESTARTS, labels)
+    consumers = _consumers(host, "io")
     with host.sudo():
         # The watchdog (WatchdogSec=) would restart a stopped worker before the check's misses add up.
         host.check_output(f"mkdir -p {dropin} && printf '[Service]\\nWatchdogSec=0\\n' > {dropin}/zz-test.conf "
@@ -194,3 +203,9 @@ def test_a_worker_restarted_by_the_health_check_raises_its_counter(exporters):
             assert _metric(_scrape(host, NODE_DEFAULT)["body"], RESTARTS, labels) == before + 1
         finally:
             host.run(f"rm -rf {dropin} && systemctl daemon-reload && systemctl restart {unit}")
+    # The next tests (the fault suite) take the queues' consumers as they find them: leave every
+    # worker consuming again, as before.
+    deadline = time.time() + 120
+    while _consumers(host, "io") != consumers:
+        assert time.time() < deadline, f"io has {_consumers(host, 'io')} consumers, had {consumers}"
+        time.sleep(2)
