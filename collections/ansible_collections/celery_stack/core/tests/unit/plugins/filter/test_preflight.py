@@ -248,6 +248,9 @@ def test_valid_broker_settings_have_no_problem():
     ({"rabbitmq_repository_preset": "custom", "rabbitmq_repository_custom_url": "http://m",
       "rabbitmq_repository_custom_key_url": "http://m/k.asc", "rabbitmq_repository_custom_key_fingerprint": "AB"},
      "rabbitmq_repository_custom_key_fingerprint must be the key's full fingerprint"),
+    ({"rabbitmq_app_user_max_connections": 0}, "rabbitmq_app_user_max_connections must be -1 (no limit) or at least 1"),
+    ({"rabbitmq_vhost_max_queues": -5}, "rabbitmq_vhost_max_queues must be -1 (no limit) or at least 1, got -5"),
+    ({"rabbitmq_producer_user_max_channels": "many"}, "rabbitmq_producer_user_max_channels must be -1"),
 ])
 def test_one_broker_mistake_one_message(change, expected):
     one(preflight.rabbitmq_problems(dict(RABBITMQ, **change)), expected)
@@ -353,3 +356,9 @@ def test_flower_settings():
     message = one(preflight.flower_problems(dict(settings, celery_flower_users=[{"name": "ops", "password": "a:b-c,d-e-f-g"}])),
                   "celery_flower_users[0] (ops).password contains ':' or ','")
     assert "a:b-c" not in message
+
+
+@pytest.mark.parametrize("value", [-1, 1, 4000, "1000"])
+def test_broker_limits_no_limit_or_positive(value):
+    assert preflight.rabbitmq_problems(dict(RABBITMQ, rabbitmq_vhost_max_connections=value,
+                                            rabbitmq_app_user_max_channels=value)) == []
