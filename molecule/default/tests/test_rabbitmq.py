@@ -327,9 +327,21 @@ def test_rotated_admin_password_replaced_the_old_one(host):
 
 # --- limits that protect the broker (roles/rabbitmq: tasks/limits.yml, tasks/dead_letters.yml) -----
 
+REPO = INVENTORY_VARS.parents[3]
+
+
 def _role_defaults():
-    with open(INVENTORY_VARS.parents[2] / "roles/rabbitmq/defaults/main.yml", encoding="utf-8") as handle:
+    with open(REPO / "roles/rabbitmq/defaults/main.yml", encoding="utf-8") as handle:
         return yaml.safe_load(handle)
+
+
+def _on_rabbitmq(value):
+    """A table value as the inventory gives it for the RabbitMQ broker: the local inventory writes
+    RabbitMQ-only values as "{{ N if celery_stack_broker == 'rabbitmq' else 0 }}"."""
+    if isinstance(value, str):
+        match = re.match(r"^\{\{\s*(\d+)\s+if celery_stack_broker == 'rabbitmq'", value.strip())
+        return int(match.group(1)) if match else int(value)
+    return value
 
 
 def _limit(name):
@@ -350,15 +362,15 @@ def test_routed_queue_policy_carries_the_length_limit(host):
     for queue in INV["celery_stack_queues"]:
         definition = _definition(policies[f"celery-stack-dead-letter-{queue['name']}"])
         assert definition["dead-letter-exchange"] == "celery-stack.dead-letter", definition
-        if queue.get("max_length"):
-            assert definition["max-length"] == queue["max_length"], definition
+        if _on_rabbitmq(queue.get("max_length")):
+            assert definition["max-length"] == _on_rabbitmq(queue["max_length"]), definition
             assert definition["overflow"] == queue.get("overflow", "reject-publish"), definition
         else:
             assert "max-length" not in definition and "overflow" not in definition, definition
     # ... and the broker applies it to the queue itself.
     queues = {q["name"]: q for q in json.loads(host.check_output(
-        "rabbitmqctl -q list_queues -p %s name policy effective_policy_definition --formatter json", VHOST))}
-    limited = [q["name"] for q in INV["celery_stack_queues"] if q.get("max_length")]
+        "rabbitmqctl -q list_queues -p %s name policy --formatter json", VHOST))}
+    limited = [q["name"] for q in INV["celery_stack_queues"] if _on_rabbitmq(q.get("max_length"))]
     for name in limited:
         assert queues[name]["policy"] == f"celery-stack-dead-letter-{name}", queues[name]
 
@@ -426,7 +438,7 @@ def test_broker_use_per_worker_instance(host):
     here: never more than the preflight counts per worker instance, beat or Flower
     (celery_stack.core.broker_use). Recorded in .cache/broker-use.json for docs/monitoring.md."""
     import sys
-    sys.path.insert(0, str(INVENTORY_VARS.parents[2] / "collections"))
+    sys.path.insert(0, str(REPO / "collections"))
     from ansible_collections.celery_stack.core.plugins.filter import stack_rules
 
     connections = json.loads(host.check_output(
@@ -441,7 +453,7 @@ def test_broker_use_per_worker_instance(host):
     queues = json.loads(host.check_output("rabbitmqctl -q list_queues -p %s name --formatter json", VHOST))
     record = {"units": use, "app_user_connections": len(by_port), "queues": len(queues),
               "queue_names": sorted(q["name"] for q in queues)}
-    out = INVENTORY_VARS.parents[2] / ".cache/broker-use.json"
+    out = REPO / ".cache/broker-use.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=1, sort_keys=True))
     assert any(unit.startswith("celery-worker@") for unit in use), record

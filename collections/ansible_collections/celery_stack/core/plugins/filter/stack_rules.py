@@ -283,8 +283,8 @@ def length_problems(queues, table, broker="rabbitmq"):
 # host running beat or Flower. The preflight compares these, summed over the routing table, with
 # the broker's limits. Tasks that publish tasks open more (the producer pool, up to
 # broker_pool_limit connections per worker process): the defaults leave room for that.
-BROKER_USE_PER_INSTANCE = {"connections": 3, "channels": 6}
-BROKER_USE_PER_EXTRA = {"connections": 2, "channels": 4}
+BROKER_USE_PER_INSTANCE = {"connections": 10, "channels": 40}
+BROKER_USE_PER_EXTRA = {"connections": 10, "channels": 40}
 # Queues: per routed queue itself and its <queue>.dead-letter; per worker instance its mailbox
 # queues (celery.pidbox and the producers' mailbox); with quorum queues Celery's delayed-delivery
 # queues (celery_delayed_0 to _27).
