@@ -402,6 +402,9 @@ def test_user_over_its_connection_limit_is_refused(host):
         host.run("rabbitmqctl -q delete_user %s", user)
 
 
+# The account the workers and beat run as (roles/celery_app: celery_app_user).
+SERVICE_USER = os.environ.get("CELERY_STACK_SERVICE_USER", "celery")
+
 # argv: none. Prints {unit: [client port, ...]}: the TCP connections to the broker's AMQP ports
 # (5672, 5671) of every process on this host, by the systemd unit the process runs in.
 CLIENTS_BY_UNIT = r'''
@@ -444,14 +447,17 @@ def test_broker_use_per_worker_instance(host):
     connections = json.loads(host.check_output(
         "rabbitmqctl -q list_connections pid user peer_port channels --formatter json"))
     by_port = {c["peer_port"]: c for c in connections if c["user"] == APP_USER}
-    units = json.loads(host.check_output("python3 -c %s", CLIENTS_BY_UNIT))
+    # As the units' own user: root in the container lacks CAP_SYS_PTRACE, without which another
+    # user's /proc/PID/fd cannot be read.
+    units = json.loads(host.check_output("runuser -u %s -- python3 -c %s", SERVICE_USER, CLIENTS_BY_UNIT))
     use = {}
     for unit, ports in units.items():
         held = [by_port[p] for p in ports if p in by_port]
         if held:
             use[unit] = {"connections": len(held), "channels": sum(int(c["channels"]) for c in held)}
     queues = json.loads(host.check_output("rabbitmqctl -q list_queues -p %s name --formatter json", VHOST))
-    record = {"units": use, "app_user_connections": len(by_port), "queues": len(queues),
+    record = {"units": use, "app_user_connections": len(by_port),
+              "unattributed": len(by_port) - sum(held["connections"] for held in use.values()), "queues": len(queues),
               "queue_names": sorted(q["name"] for q in queues)}
     out = REPO / ".cache/broker-use.json"
     out.parent.mkdir(exist_ok=True)
