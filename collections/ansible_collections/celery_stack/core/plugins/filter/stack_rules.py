@@ -279,15 +279,19 @@ def length_problems(queues, table, broker="rabbitmq"):
 
 # What the stack's own processes hold on the broker with the application user, measured on the
 # default scenario (molecule/default/tests/test_rabbitmq.py: test_broker_use_per_worker_instance
-# asserts that no unit holds more): per worker instance (one queue x pool on one host), and per
-# host running beat or Flower. The preflight compares these, summed over the routing table, with
-# the broker's limits. Tasks that publish tasks open more (the producer pool, up to
+# asserts that no unit holds more; Celery 5.7, RabbitMQ 4.0, monitoring on, after the scenario's
+# tests ran tasks): every worker instance (one queue x pool on one host), prefork and threads
+# alike, 3 connections and 6 channels; beat 1 and 1. A host running beat or Flower counts as
+# one more instance (Flower, not in that scenario, receives events and sends inspect commands
+# like a worker). The preflight compares these, summed over the routing table, with the
+# broker's limits. Tasks that publish tasks open more (the producer pool, up to
 # broker_pool_limit connections per worker process): the defaults leave room for that.
-BROKER_USE_PER_INSTANCE = {"connections": 10, "channels": 40}
-BROKER_USE_PER_EXTRA = {"connections": 10, "channels": 40}
-# Queues: per routed queue itself and its <queue>.dead-letter; per worker instance its mailbox
-# queues (celery.pidbox and the producers' mailbox); with quorum queues Celery's delayed-delivery
-# queues (celery_delayed_0 to _27).
+BROKER_USE_PER_INSTANCE = {"connections": 3, "channels": 6}
+BROKER_USE_PER_EXTRA = {"connections": 3, "channels": 6}
+# Queues (measured too): per routed queue itself and its <queue>.dead-letter; per worker instance
+# its two mailbox queues (celery.pidbox and the producers' mailbox) and its event queue
+# (celeryev.<uuid>, gossip); per Flower its event queue; with quorum queues Celery's
+# delayed-delivery queues (celery_delayed_0 to _27).
 DELAYED_DELIVERY_QUEUES = 28
 
 
@@ -300,7 +304,7 @@ def broker_use(queues, groups, pool_defaults=None, extras=0, quorum=False):
     use = {key: instances * value + int(extras) * BROKER_USE_PER_EXTRA[key]
            for key, value in BROKER_USE_PER_INSTANCE.items()}
     use["instances"] = instances
-    use["queues"] = 2 * len(queues or []) + 2 * instances + (DELAYED_DELIVERY_QUEUES if quorum else 0)
+    use["queues"] = 2 * len(queues or []) + 3 * instances + int(extras) + (DELAYED_DELIVERY_QUEUES if quorum else 0)
     return use
 
 

@@ -203,11 +203,11 @@ def test_broker_use_counts_every_instance_on_every_worker_host():
     assert use["instances"] == 6
     assert use["connections"] == 6 * PER["connections"] + EXTRA["connections"]
     assert use["channels"] == 6 * PER["channels"] + EXTRA["channels"]
-    assert use["queues"] == 2 * 2 + 2 * 6
+    assert use["queues"] == 2 * 2 + 3 * 6 + 1
     # pool defaults that switch prefork off (the table's cpu prefork does not switch it on again): the
     # io threads workers only; quorum queues add Celery's delayed-delivery queues
     off = stack_rules.broker_use(TABLE, GROUPS, {"prefork": {"enabled": False}}, 0, True)
-    assert off["instances"] == 2 and off["queues"] == 2 * 2 + 2 * 2 + stack_rules.DELAYED_DELIVERY_QUEUES
+    assert off["instances"] == 2 and off["queues"] == 2 * 2 + 3 * 2 + stack_rules.DELAYED_DELIVERY_QUEUES
     placed = [dict(TABLE[0], hosts=["cpu_workers"]), TABLE[1]]
     assert stack_rules.broker_use(placed, GROUPS, {}, 0)["instances"] == 4
 
