@@ -81,6 +81,15 @@ CASES = {
     "a maximum priority on the Redis broker": (
         {"celery_stack_broker": "redis", "celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "max_priority": 5}]},
         "celery_stack_queues[0] (io).max_priority: the Redis broker has fixed priority steps"),
+    # queue length limits the queue type refuses (celery_stack.core.length_problems)
+    "an overflow a quorum queue refuses": (
+        {"celery_stack_queues": [{"name": "io", "tasks": ["x.*"], "queue_type": "quorum", "max_length": 10,
+                                  "overflow": "reject-publish-dlx"}]},
+        "celery_stack_queues[0] (io).overflow 'reject-publish-dlx': io is a quorum queue"),
+    # a broker limit below what the workers hold (the broker's fact, checked on the worker hosts)
+    "a user connection limit below what the workers hold": (
+        {"rabbitmq_app_user_max_connections": 2},
+        "rabbitmq_app_user_max_connections of {broker} (2) is below the"),
     # role settings keep their own checks
     "an Erlang version without its epoch": ({"rabbitmq_erlang_version": "27.*"}, "rabbitmq_erlang_version"),
     "an evicting Redis with a broker user": ({"redis_maxmemory_policy": "allkeys-lru"}, "redis_maxmemory_policy"),

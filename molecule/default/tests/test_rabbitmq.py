@@ -323,3 +323,148 @@ def test_rotated_app_password_replaced_the_old_one(host):
 def test_rotated_admin_password_replaced_the_old_one(host):
     assert http(host, ADMIN, ADMIN_PASSWORD, "/api/whoami")["status"] == 200
     assert http(host, ADMIN, ADMIN_OLD_PASSWORD, "/api/whoami")["status"] == 401
+
+
+# --- limits that protect the broker (roles/rabbitmq: tasks/limits.yml, tasks/dead_letters.yml) -----
+
+REPO = INVENTORY_VARS.parents[3]
+
+
+def _role_defaults():
+    with open(REPO / "roles/rabbitmq/defaults/main.yml", encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _on_rabbitmq(value):
+    """A table value as the inventory gives it for the RabbitMQ broker: the local inventory writes
+    RabbitMQ-only values as "{{ N if celery_stack_broker == 'rabbitmq' else 0 }}"."""
+    if isinstance(value, str):
+        match = re.match(r"^\{\{\s*(\d+)\s+if celery_stack_broker == 'rabbitmq'", value.strip())
+        return int(match.group(1)) if match else int(value)
+    return value
+
+
+def _limit(name):
+    """A limit as the run set it: the inventory's value, else the role's default."""
+    return int(INV.get(name, _role_defaults()[name]))
+
+
+def _definition(policy):
+    definition = policy["definition"]
+    return json.loads(definition) if isinstance(definition, str) else definition
+
+
+def test_routed_queue_policy_carries_the_length_limit(host):
+    """The routing table's max_length and overflow are in the queue's one policy, next to its
+    dead-letter keys (RabbitMQ applies one policy per queue); a queue without them has none."""
+    policies = {p["name"]: p for p in json.loads(host.check_output(
+        "rabbitmqctl -q list_policies -p %s --formatter json", VHOST))}
+    for queue in INV["celery_stack_queues"]:
+        definition = _definition(policies[f"celery-stack-dead-letter-{queue['name']}"])
+        assert definition["dead-letter-exchange"] == "celery-stack.dead-letter", definition
+        if _on_rabbitmq(queue.get("max_length")):
+            assert definition["max-length"] == _on_rabbitmq(queue["max_length"]), definition
+            assert definition["overflow"] == queue.get("overflow", "reject-publish"), definition
+        else:
+            assert "max-length" not in definition and "overflow" not in definition, definition
+    # ... and the broker applies it to the queue itself.
+    queues = {q["name"]: q for q in json.loads(host.check_output(
+        "rabbitmqctl -q list_queues -p %s name policy --formatter json", VHOST))}
+    limited = [q["name"] for q in INV["celery_stack_queues"] if _on_rabbitmq(q.get("max_length"))]
+    for name in limited:
+        assert queues[name]["policy"] == f"celery-stack-dead-letter-{name}", queues[name]
+
+
+def test_vhost_and_user_limits_are_on_the_broker(host):
+    """The limits of the inventory (or the role's defaults) are on the broker, also after a
+    console session cleared or changed them (molecule/default/side_effect.yml)."""
+    vhost = json.loads(host.check_output("rabbitmqctl -q list_vhost_limits -p %s", VHOST) or "{}")
+    assert vhost == {"max-connections": _limit("rabbitmq_vhost_max_connections"),
+                     "max-queues": _limit("rabbitmq_vhost_max_queues")}, vhost
+    user = json.loads(host.check_output("rabbitmqctl -q list_user_limits --user %s", APP_USER) or "{}")
+    assert user == {"max-connections": _limit("rabbitmq_app_user_max_connections"),
+                    "max-channels": _limit("rabbitmq_app_user_max_channels")}, user
+
+
+def test_user_over_its_connection_limit_is_refused(host):
+    """What a user limit does: a throwaway user whose limit is reached is refused at connection.open
+    (530 NOT_ALLOWED) while its password and permissions are right."""
+    user, password = "limits-test", "limits-test-secret"
+    host.check_output("rabbitmqctl -q add_user %s %s", user, password)
+    try:
+        host.check_output("rabbitmqctl -q set_permissions -p %s %s '^$' '^$' '^$'", VHOST, user)
+        assert amqp(host, user, password, VHOST, action="open")["ok"] is True
+        host.check_output("rabbitmqctl -q set_user_limits %s %s", user, '{"max-connections": 0}')
+        refused = amqp(host, user, password, VHOST, action="open")
+        assert refused["ok"] is False and refused["stage"] == "vhost", refused
+        assert refused["detail"].startswith("530"), refused
+    finally:
+        host.run("rabbitmqctl -q delete_user %s", user)
+
+
+# The account the workers and beat run as (roles/celery_app: celery_app_user).
+SERVICE_USER = os.environ.get("CELERY_STACK_SERVICE_USER", "celery")
+
+# argv: none. Prints {unit: [client port, ...]}: the TCP connections to the broker's AMQP ports
+# (5672, 5671) of every process on this host, by the systemd unit the process runs in.
+CLIENTS_BY_UNIT = r'''
+import json, os, re
+inodes = {}
+for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+        lines = open(name).read().splitlines()[1:]
+    except OSError:
+        continue
+    for line in lines:
+        fields = line.split()
+        local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+        if state == "01" and int(remote.split(":")[1], 16) in (5672, 5671):
+            inodes[inode] = int(local.split(":")[1], 16)
+found = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        links = [os.readlink("/proc/%s/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%s/fd" % pid)]
+        cgroup = open("/proc/%s/cgroup" % pid).read()
+    except OSError:
+        continue
+    unit = (re.findall(r"([^/]+\.service)", cgroup) or ["?"])[-1]
+    for link in links:
+        match = re.match(r"socket:\[(\d+)\]", link)
+        if match and match.group(1) in inodes:
+            found.setdefault(unit, []).append(inodes[match.group(1)])
+print(json.dumps(found))
+'''
+
+
+def test_broker_use_per_worker_instance(host):
+    """What each unit of the stack holds on the broker (connections and their channels), measured
+    here: never more than the preflight counts per worker instance, beat or Flower
+    (celery_stack.core.broker_use). Recorded in .cache/broker-use.json for docs/monitoring.md."""
+    import sys
+    sys.path.insert(0, str(REPO / "collections"))
+    from ansible_collections.celery_stack.core.plugins.filter import stack_rules
+
+    connections = json.loads(host.check_output(
+        "rabbitmqctl -q list_connections pid user peer_port channels --formatter json"))
+    by_port = {c["peer_port"]: c for c in connections if c["user"] == APP_USER}
+    # As the units' own user: root in the container lacks CAP_SYS_PTRACE, without which another
+    # user's /proc/PID/fd cannot be read.
+    units = json.loads(host.check_output("runuser -u %s -- python3 -c %s", SERVICE_USER, CLIENTS_BY_UNIT))
+    use = {}
+    for unit, ports in units.items():
+        # a prefork child inherits its parent's sockets: one connection, however many processes hold it
+        held = [by_port[p] for p in set(ports) if p in by_port]
+        if held:
+            use[unit] = {"connections": len(held), "channels": sum(int(c["channels"]) for c in held)}
+    queues = json.loads(host.check_output("rabbitmqctl -q list_queues -p %s name --formatter json", VHOST))
+    record = {"units": use, "app_user_connections": len(by_port),
+              "unattributed": len(by_port) - sum(held["connections"] for held in use.values()), "queues": len(queues),
+              "queue_names": sorted(q["name"] for q in queues)}
+    out = REPO / ".cache/broker-use.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, sort_keys=True))
+    assert any(unit.startswith("celery-worker@") for unit in use), record
+    for unit, held in use.items():
+        per = (stack_rules.BROKER_USE_PER_INSTANCE if unit.startswith("celery-worker@")
+               else stack_rules.BROKER_USE_PER_EXTRA)
+        assert held["connections"] <= per["connections"] and held["channels"] <= per["channels"], (unit, record)

@@ -442,6 +442,12 @@ def app_problems(app, quorum=None):
 # RabbitMQ (rabbitmq_*)
 
 
+# The limits of the stack's vhost and users (roles/rabbitmq, tasks/limits.yml).
+BROKER_LIMITS = ("rabbitmq_vhost_max_connections", "rabbitmq_vhost_max_queues", "rabbitmq_app_user_max_connections",
+                 "rabbitmq_app_user_max_channels", "rabbitmq_producer_user_max_connections",
+                 "rabbitmq_producer_user_max_channels")
+
+
 def rabbitmq_problems(settings):
     """The broker's own settings (the rabbitmq_* variables, name -> value), one rule each."""
     found = []
@@ -480,6 +486,13 @@ def rabbitmq_problems(settings):
     found += _at_least(settings, "rabbitmq_consumer_timeout", 1000, " ms")
     found += _at_least(settings, "rabbitmq_limit_nofile", 1024)
     found += _at_least(settings, "rabbitmq_cluster_wait_retries", 1)
+    # -1 is RabbitMQ's "no limit"; 0 refuses every connection (channel, queue) of the stack.
+    for name in BROKER_LIMITS:
+        if name in settings:
+            value = _int(settings[name])
+            if value is None or value == 0 or value < -1:
+                found.append(f"{name} must be -1 (no limit) or at least 1, got {settings[name]!r}: 0 would refuse "
+                             "every connection, channel or queue of the stack")
     ports = {}
     for name in ("rabbitmq_amqp_port", "rabbitmq_management_port", "rabbitmq_prometheus_port"):
         if name in settings:

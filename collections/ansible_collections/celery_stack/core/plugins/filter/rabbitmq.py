@@ -10,6 +10,8 @@
 - ``users_to_set``, ``vhosts_to_create``, ``policies_to_set``: what differs between the
   inventory and the broker, so a run that changes nothing runs no rabbitmqctl per user, vhost
   or policy;
+- ``broker_limits``, ``limits_to_set``: the limits of the stack's vhost and users, and those
+  the broker holds otherwise (tasks/limits.yml);
 - ``rabbitmq_nodes``: the cluster's node names.
 
 What the broker has comes from ONE read, ``rabbitmqctl export_definitions`` (its JSON, parsed:
@@ -20,10 +22,12 @@ Nothing here touches a host. Unit tests: tests/unit/plugins/filter/test_rabbitmq
 
 import base64
 import hashlib
+import json
 import re
 
 from ansible.errors import AnsibleFilterError
-from ansible_collections.celery_stack.core.plugins.module_utils.stack_description import PRODUCER_CONTROL_EXCHANGE
+from ansible_collections.celery_stack.core.plugins.module_utils.stack_description import (
+    DEFAULT_OVERFLOW, PRODUCER_CONTROL_EXCHANGE)
 
 
 # UUIDs: the reply queues of the rpc result backend (one per client, named by its thread oid).
@@ -105,7 +109,9 @@ def dead_letter_policies(queues, delivery_limit=20, priority=0):
     workers' limit, an unknown task) or over a quorum queue's delivery limit goes to the
     dead-letter exchange with the queue's name as routing key, so into <queue>.dead-letter.
 
-    queues: rabbitmq_stack_queues ({vhost, name, queue_type}). delivery-limit on quorum queues
+    queues: rabbitmq_stack_queues ({vhost, name, queue_type, and max_length, max_length_bytes,
+    overflow where the table sets them: max-length, max-length-bytes, overflow in the same policy}).
+    delivery-limit on quorum queues
     only (classic queues have none): a safety net above the workers' own limit, for deaths the
     workers cannot count (the whole worker process killed). The pattern is the exact name, so it
     never matches the dead-letter queue itself. RabbitMQ applies ONE policy per queue (the
@@ -118,6 +124,14 @@ def dead_letter_policies(queues, delivery_limit=20, priority=0):
         tags = {"dead-letter-exchange": DEAD_LETTER_EXCHANGE, "dead-letter-routing-key": queue["name"]}
         if queue.get("queue_type") == "quorum":
             tags["delivery-limit"] = int(delivery_limit)
+        # The queue's length limits (the routing table's max_length, max_length_bytes, overflow)
+        # go into this same policy: RabbitMQ applies one policy per queue, so a second policy
+        # would replace the dead-lettering. A queue without them keeps exactly the keys above.
+        for key in ("max_length", "max_length_bytes"):
+            if queue.get(key):
+                tags[key.replace("_", "-")] = int(queue[key])
+        if queue.get("max_length") or queue.get("max_length_bytes"):
+            tags["overflow"] = queue.get("overflow") or DEFAULT_OVERFLOW
         policies.append({"vhost": queue["vhost"], "name": f"{DEAD_LETTER_POLICY_PREFIX}{queue['name']}",
                          "pattern": f"^{re.escape(queue['name'])}$", "tags": tags, "priority": str(int(priority))})
     return policies
@@ -141,6 +155,56 @@ def policies_to_set(definitions, wanted):
         if (found is None or found.get("pattern") != policy["pattern"] or found.get("apply-to") != "queues"
                 or found.get("definition") != policy["tags"] or int(found.get("priority", 0)) != int(policy["priority"])):
             differ.append(policy)
+    return differ
+
+
+def broker_limits(settings, vhosts, app_user, producer_user=""):
+    """The limits of the stack's vhosts and users, for tasks/limits.yml: {vhosts: [{vhost,
+    max_connections, max_queues}], users: [{user, max_connections, max_channels}]}. settings: the
+    rabbitmq_*_max_* variables without the prefix (vhost_max_connections, ...); -1: no limit.
+    producer_user: "" when the stack has no producers' user."""
+    def limit(name):
+        return max(int(settings[name]), -1)
+    users = [{"user": app_user, "max_connections": limit("app_user_max_connections"),
+              "max_channels": limit("app_user_max_channels")}]
+    if producer_user:
+        users.append({"user": producer_user, "max_connections": limit("producer_user_max_connections"),
+                      "max_channels": limit("producer_user_max_channels")})
+    return {"vhosts": [{"vhost": vhost, "max_connections": limit("vhost_max_connections"),
+                        "max_queues": limit("vhost_max_queues")} for vhost in dict.fromkeys(vhosts)],
+            "users": users}
+
+
+def _read_limits(stdout):
+    """`rabbitmqctl list_vhost_limits` / `list_user_limits --user` output -> {name: value}. No
+    limits: empty output, {} or [] depending on the version."""
+    text = (stdout or "").strip()
+    if not text:
+        return {}
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def limits_to_set(results):
+    """The wanted limits (each result's item: {vhost or user, max_<limit>: int, -1 none}) that the
+    broker holds otherwise (each result's stdout: the read). A limit the broker lacks and one it
+    holds as a negative number both mean none. A failed read (a user or vhost that a dry run has
+    not created) counts as no limits."""
+    differ = []
+    for result in results or []:
+        wanted = result["item"]
+        have = _read_limits(result.get("stdout")) if result.get("rc", 0) == 0 else {}
+        for key, value in wanted.items():
+            if not key.startswith("max_"):
+                continue
+            held = have.get(key.replace("_", "-"))
+            held = -1 if held is None or int(held) < 0 else int(held)
+            if held != int(value):
+                differ.append(wanted)
+                break
     return differ
 
 
@@ -249,4 +313,4 @@ class FilterModule:
         return {f.__name__: f for f in (
             producer_permissions, user_permissions, queue_type_changes, dead_letter_policies, dead_letter_policies_to_clear,
             policies_to_set, vhosts_to_create, users_to_set, user_names, rabbitmq_nodes, rabbitmq_env,
-            rabbitmq_running_distribution)}
+            rabbitmq_running_distribution, broker_limits, limits_to_set)}

@@ -10,8 +10,12 @@ preflight.py.
   names, pool options, placement, route patterns, priorities, default queue, application
   source), concatenated;
 - ``priority_problems``: a max_priority the queue cannot carry;
+- ``length_problems``: a length limit (max_length, max_length_bytes, overflow) the queue cannot
+  carry;
 - ``limit_problems``: the time limits of a worker host that disagree (broker consumer timeout,
   systemd stop timeout, Redis visibility timeout);
+- ``broker_use``, ``broker_use_problems``: what the routing table's workers hold on the broker
+  (connections, channels, queues), and the broker limits below it;
 - ``app_kind``: how to install the application (requirement, file or directory), refused when
   the path it names does not exist on the controller.
 
@@ -24,7 +28,8 @@ import re
 
 from ansible.errors import AnsibleFilterError
 from ansible_collections.celery_stack.core.plugins.module_utils.stack_description import (
-    POOLS, PREFORK_ONLY, WORKER_GROUP, is_glob, pool_enabled, pool_hosts, routing_table)
+    DEFAULT_OVERFLOW, OVERFLOWS, POOLS, PREFORK_ONLY, QUORUM_OVERFLOWS, WORKER_GROUP, is_glob, pool_enabled,
+    pool_hosts, routing_table)
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # A source that names a file or directory (not a pip requirement such as "pkg==1.0", nor a URL).
@@ -184,6 +189,7 @@ def problems(queues, groups, default_queue="", app=None, broker="rabbitmq", quor
             + _placement_problems(queues, groups)
             + _pattern_problems(queues)
             + priority_problems(routing_table(queues or [], broker, quorum, groups.get(broker, [])), broker)
+            + length_problems(queues, routing_table(queues or [], "rabbitmq", quorum, groups.get(broker, [])), broker)
             + _default_queue_problems(queues, default_queue)
             + _app_source_problems(app))
 
@@ -235,6 +241,107 @@ def priority_problems(table, broker="rabbitmq"):
     return found
 
 
+def length_problems(queues, table, broker="rabbitmq"):
+    """The routing table's length limits (max_length, max_length_bytes, overflow) where the queue
+    cannot carry them, as messages naming the variable. queues: the table as the inventory gives
+    it; table: routing_table() of it on RabbitMQ (the queue types).
+
+    - a limit is 1 or more (0 or unset: none); an overflow without a limit does nothing;
+    - quorum queues refuse overflow reject-publish-dlx (RabbitMQ accepts drop-head and
+      reject-publish there); classic queues take all three;
+    - kombu's Redis transport has no queue length limit.
+    Not refused: a max_length below the prefetch of the queue's workers (concurrency x
+    prefetch_multiplier). RabbitMQ counts ready messages only; the messages a worker holds
+    unacknowledged do not count towards the limit, so the workers' prefetch never breaks it."""
+    found = []
+    for index, (queue, entry) in enumerate(zip(queues or [], table)):
+        where = _where(index, queue)
+        limits = [key for key in ("max_length", "max_length_bytes") if queue.get(key) not in (None, "")]
+        for key in limits:
+            if int(queue[key]) < 0:
+                found.append(f"{where}.{key} must be 1 or more (0: no limit), got {queue[key]}")
+        limited = any(int(queue[key]) > 0 for key in limits)
+        overflow = queue.get("overflow")
+        if overflow and overflow not in OVERFLOWS:
+            found.append(f"{where}.overflow {overflow!r}: one of {', '.join(OVERFLOWS)}")
+        elif overflow and not limited:
+            found.append(f"{where}.overflow {overflow!r} does nothing without a limit: set max_length (or "
+                         "max_length_bytes), or leave overflow out")
+        if broker != "rabbitmq" and (limited or overflow):
+            found.append(f"{where}: the Redis broker has no queue length limit; leave max_length, "
+                         "max_length_bytes and overflow out")
+        elif limited and entry["queue_type"] == "quorum" and (overflow or DEFAULT_OVERFLOW) not in QUORUM_OVERFLOWS:
+            found.append(f"{where}.overflow {overflow!r}: {queue.get('name', '')} is a quorum queue, which accepts "
+                         f"{' or '.join(QUORUM_OVERFLOWS)} only (RabbitMQ refuses the policy); use reject-publish "
+                         "(the producer is told), or set queue_type: classic on the queue")
+    return found
+
+
+# What the stack's own processes hold on the broker with the application user, measured on the
+# default scenario (molecule/default/tests/test_rabbitmq.py: test_broker_use_per_worker_instance
+# asserts that no unit holds more; Celery 5.7, RabbitMQ 4.0, monitoring on, after the scenario's
+# tests ran tasks): every worker instance (one queue x pool on one host), prefork and threads
+# alike, 3 connections and 6 channels; beat 1 and 1. A host running beat or Flower counts as
+# one more instance (Flower, not in that scenario, receives events and sends inspect commands
+# like a worker). The preflight compares these, summed over the routing table, with the
+# broker's limits. Tasks that publish tasks open more (the producer pool, up to
+# broker_pool_limit connections per worker process): the defaults leave room for that.
+BROKER_USE_PER_INSTANCE = {"connections": 3, "channels": 6}
+BROKER_USE_PER_EXTRA = {"connections": 3, "channels": 6}
+# Queues (measured too): per routed queue itself and its <queue>.dead-letter; per worker instance
+# its two mailbox queues (celery.pidbox and the producers' mailbox) and its event queue
+# (celeryev.<uuid>, gossip); per Flower its event queue; with quorum queues Celery's
+# delayed-delivery queues (celery_delayed_0 to _27).
+DELAYED_DELIVERY_QUEUES = 28
+
+
+def broker_use(queues, groups, pool_defaults=None, extras=0, quorum=False):
+    """What the routing table's workers hold on the broker with the application user, every worker
+    host together: {instances, connections, channels, queues}. extras: the hosts that run beat or
+    Flower (each counted with BROKER_USE_PER_EXTRA)."""
+    instances = sum(len(worker_instances_of(queues, host, groups, pool_defaults or {}))
+                    for host in groups.get(WORKER_GROUP, []))
+    use = {key: instances * value + int(extras) * BROKER_USE_PER_EXTRA[key]
+           for key, value in BROKER_USE_PER_INSTANCE.items()}
+    use["instances"] = instances
+    use["queues"] = 2 * len(queues or []) + 3 * instances + int(extras) + (DELAYED_DELIVERY_QUEUES if quorum else 0)
+    return use
+
+
+def worker_instances_of(queues, host, groups, pool_defaults):
+    """(queue, pool) of every worker instance on `host` (pool defaults filled in: a pool that they
+    switch off runs nowhere)."""
+    found = []
+    for index, queue in enumerate(queues or []):
+        for pool in POOLS:
+            settings = dict(pool_defaults.get(pool) or {})
+            settings.update((queue.get("pools") or {}).get(pool) or {})
+            if pool_enabled(settings) and host in pool_hosts(queue, pool, groups, index):
+                found.append((queue["name"], pool))
+    return found
+
+
+def broker_use_problems(use, limits):
+    """The broker limits below what the routing table's workers hold (broker_use), one message per
+    broker and limit, naming the variable. limits: {broker host: {rabbitmq_<limit>: int}} (the
+    brokers' preflight shares them; -1: no limit). A limit the workers reach refuses the next
+    worker's connection or channel: that worker restarts in a loop, its queue unserved."""
+    checks = (("rabbitmq_app_user_max_connections", "connections"), ("rabbitmq_app_user_max_channels", "channels"),
+              ("rabbitmq_vhost_max_connections", "connections"), ("rabbitmq_vhost_max_queues", "queues"))
+    found = []
+    for broker, settings in sorted((limits or {}).items()):
+        for name, key in checks:
+            value = (settings or {}).get(name)
+            if value is None or int(value) < 0 or int(value) >= use[key]:
+                continue
+            found.append(f"{name} of {broker} ({int(value)}) is below the {use[key]} {key} that the routing table's "
+                         f"{use['instances']} worker instances (queue x pool on every worker host, with beat and "
+                         f"Flower) hold on the broker: the worker over the limit would be refused and restart in a "
+                         f"loop. Raise {name} (-1: no limit) to at least {use[key]}, with room for tasks that publish "
+                         "tasks.")
+    return found
+
+
 def limit_problems(instances, stop_timeout, soft_shutdown_timeout=0, consumer_timeouts=None, visibility_timeout=0):
     """The time limits of one worker host that must agree, each broken rule as a message naming
     both sides. instances: worker_instances() of the host (pool defaults filled in, each with its
@@ -283,4 +390,5 @@ def limit_problems(instances, stop_timeout, soft_shutdown_timeout=0, consumer_ti
 
 class FilterModule:
     def filters(self):
-        return {f.__name__: f for f in (problems, priority_problems, limit_problems, app_kind)}
+        return {f.__name__: f for f in (problems, priority_problems, length_problems, limit_problems, broker_use,
+                                        broker_use_problems, app_kind)}

@@ -10,7 +10,8 @@ import ...``):
 - ``PRODUCER_CONTROL_EXCHANGE``: the producers' own control mailbox (Celery settings and the
   producers' RabbitMQ permissions); ``DEAD_LETTER_SUFFIX``: the dead-letter queues' names;
 - ``as_bool``, ``quorum_queues``, ``routing_table``: the queue types, THE typed routing table
-  (exposed as filters by plugins/filter/routing.py);
+  (exposed as filters by plugins/filter/routing.py); ``OVERFLOWS``, ``queue_limits``: a queue's
+  length limits;
 - ``is_glob``, ``pool_enabled``, ``placement``, ``pool_hosts``: which pools of a queue run,
   and on which hosts (the preflight's rules and the worker instances).
 """
@@ -47,15 +48,48 @@ def quorum_queues(setting, brokers=()):
     return as_bool(setting, len(brokers or []) > 1)
 
 
+# Length limits of a routed queue (RabbitMQ, by policy: the dead-letter policy of the queue
+# carries them, tasks/dead_letters.yml of roles/rabbitmq). What happens to a message over the limit:
+OVERFLOWS = ("drop-head", "reject-publish", "reject-publish-dlx")
+# The overflow a queue gets when the table sets a limit and no overflow: reject-publish. The
+# producer learns it (with publisher confirms, which the stack's settings turn on, the broker
+# nacks the publish and .delay() raises) and can back off or retry. drop-head, RabbitMQ's own
+# default, would take the OLDEST waiting tasks out of the queue to make room, without telling
+# anyone: tasks lost silently (here: moved to <queue>.dead-letter, where nothing runs them).
+DEFAULT_OVERFLOW = "reject-publish"
+# Quorum queues accept drop-head and reject-publish only (RabbitMQ refuses reject-publish-dlx).
+QUORUM_OVERFLOWS = ("drop-head", "reject-publish")
+
+
+def _limit(value):
+    """A length limit as the table gives it: an int, 0/None/"" meaning none."""
+    if value is None or value == "":
+        return None
+    return int(value) or None
+
+
+def queue_limits(queue):
+    """The length limits of one queue of the table: {max_length, max_length_bytes, overflow},
+    only those set (an overflow only with a limit, DEFAULT_OVERFLOW when the table names none),
+    so a queue without limits keeps exactly the entry it had."""
+    limits = {key: _limit(queue.get(key)) for key in ("max_length", "max_length_bytes")}
+    limits = {key: value for key, value in limits.items() if value is not None}
+    if limits:
+        limits["overflow"] = queue.get("overflow") or DEFAULT_OVERFLOW
+    return limits
+
+
 def routing_table(queues, broker="rabbitmq", quorum=None, brokers=()):
     """Per queue: name, task patterns, the RabbitMQ queue type (None on a Redis broker: the
     queue's own queue_type, else quorum_queues(quorum, brokers)) and max_priority (None: no
-    priorities). The workers' config and the broker's queue check both come from here, so they
+    priorities), and on RabbitMQ the length limits where the table sets them (queue_limits). The
+    workers' config and the broker's queue check and policies all come from here, so they
     cannot disagree."""
     default_type = "quorum" if quorum_queues(quorum, brokers) else "classic"
-    return [{"name": queue["name"], "tasks": list(queue.get("tasks") or []),
-             "queue_type": (queue.get("queue_type") or default_type) if broker == "rabbitmq" else None,
-             "max_priority": int(queue.get("max_priority") or 0) or None}
+    return [dict({"name": queue["name"], "tasks": list(queue.get("tasks") or []),
+                  "queue_type": (queue.get("queue_type") or default_type) if broker == "rabbitmq" else None,
+                  "max_priority": int(queue.get("max_priority") or 0) or None},
+                 **(queue_limits(queue) if broker == "rabbitmq" else {}))
             for queue in queues]
 
 

@@ -249,6 +249,9 @@ def test_valid_broker_settings_have_no_problem():
     ({"rabbitmq_repository_preset": "custom", "rabbitmq_repository_custom_url": "http://m",
       "rabbitmq_repository_custom_key_url": "http://m/k.asc", "rabbitmq_repository_custom_key_fingerprint": "AB"},
      "rabbitmq_repository_custom_key_fingerprint must be the key's full fingerprint"),
+    ({"rabbitmq_app_user_max_connections": 0}, "rabbitmq_app_user_max_connections must be -1 (no limit) or at least 1"),
+    ({"rabbitmq_vhost_max_queues": -5}, "rabbitmq_vhost_max_queues must be -1 (no limit) or at least 1, got -5"),
+    ({"rabbitmq_producer_user_max_channels": "many"}, "rabbitmq_producer_user_max_channels must be -1"),
 ])
 def test_one_broker_mistake_one_message(change, expected):
     one(preflight.rabbitmq_problems(dict(RABBITMQ, **change)), expected)
@@ -433,3 +436,9 @@ def test_one_exporter_user_mistake_one_message(change, expected):
 def test_the_exporters_prefix_is_the_bundles():
     one(preflight.unknown_variables(["prometheus_exporters_node_prot"], ["prometheus_exporters_node_port"]),
         "did you mean prometheus_exporters_node_port?")
+
+
+@pytest.mark.parametrize("value", [-1, 1, 4000, "1000"])
+def test_broker_limits_no_limit_or_positive(value):
+    assert preflight.rabbitmq_problems(dict(RABBITMQ, rabbitmq_vhost_max_connections=value,
+                                            rabbitmq_app_user_max_channels=value)) == []

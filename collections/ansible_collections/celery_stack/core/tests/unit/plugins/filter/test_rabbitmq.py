@@ -112,6 +112,27 @@ def test_dead_letter_policies_one_per_routed_queue():
         rabbitmq.dead_letter_policies(queues, 0)
 
 
+def test_dead_letter_policies_carry_the_length_limits():
+    queues = [{"vhost": "celery", "name": "io", "queue_type": "classic", "max_length": 100000,
+               "overflow": "reject-publish-dlx"},
+              {"vhost": "celery", "name": "cpu", "queue_type": "quorum", "max_length_bytes": 1048576},
+              {"vhost": "celery", "name": "plain", "queue_type": "classic"}]
+    io, cpu, plain = rabbitmq.dead_letter_policies(queues, 20, 0)
+    assert io["tags"] == {"dead-letter-exchange": "celery-stack.dead-letter", "dead-letter-routing-key": "io",
+                          "max-length": 100000, "overflow": "reject-publish-dlx"}
+    # no overflow given: reject-publish; the quorum queue's delivery-limit stays
+    assert cpu["tags"] == {"dead-letter-exchange": "celery-stack.dead-letter", "dead-letter-routing-key": "cpu",
+                           "delivery-limit": 20, "max-length-bytes": 1048576, "overflow": "reject-publish"}
+    # a queue without limits keeps exactly today's policy (no change on existing deployments)
+    assert plain == rabbitmq.dead_letter_policies([{"vhost": "celery", "name": "plain", "queue_type": "classic"}])[0]
+    assert set(plain["tags"]) == {"dead-letter-exchange", "dead-letter-routing-key"}
+    # one policy per queue: a changed limit is a changed definition of the same policy
+    exported = _exported(io)
+    assert rabbitmq.policies_to_set({"policies": [exported]}, [io]) == []
+    assert rabbitmq.policies_to_set({"policies": [dict(exported, definition=dict(exported["definition"],
+                                                                              **{"max-length": 5}))]}, [io]) == [io]
+
+
 def test_dead_letter_policies_to_clear_of_queues_no_longer_routed():
     wanted = rabbitmq.dead_letter_policies([{"vhost": "celery", "name": "io", "queue_type": "classic"}])
     definitions = {"policies": [{"vhost": "celery", "name": "celery-stack-dead-letter-io"},
@@ -211,3 +232,39 @@ def test_rabbitmq_running_distribution_reads_the_node_not_the_cli():
     assert rabbitmq.rabbitmq_running_distribution(
         f"{cli}\n{beam} -proto_dist inet_tls -ssl_dist_optfile /etc/rabbitmq/inter_node_tls.config") == "tls"
     assert rabbitmq.rabbitmq_running_distribution(f"{beam} -proto_dist inet6_tls") == "tls"
+
+
+# --- limits of the stack's vhost and users ---------------------------------------------------------
+
+LIMITS = {"vhost_max_connections": 4000, "vhost_max_queues": 2000, "app_user_max_connections": 1000,
+          "app_user_max_channels": 4000, "producer_user_max_connections": 2000, "producer_user_max_channels": -7}
+
+
+def test_broker_limits_of_the_stack_vhost_and_users():
+    limits = rabbitmq.broker_limits(LIMITS, ["celery", "celery"], "celery", "celery-producer")
+    assert limits["vhosts"] == [{"vhost": "celery", "max_connections": 4000, "max_queues": 2000}]
+    assert limits["users"] == [{"user": "celery", "max_connections": 1000, "max_channels": 4000},
+                               # any negative number is "no limit", -1
+                               {"user": "celery-producer", "max_connections": 2000, "max_channels": -1}]
+    # no producers' user in the stack: no limits for it
+    assert [u["user"] for u in rabbitmq.broker_limits(LIMITS, ["celery"], "celery")["users"]] == ["celery"]
+
+
+def _read(item, stdout, rc=0):
+    return {"item": item, "stdout": stdout, "rc": rc}
+
+
+def test_limits_to_set_only_what_differs():
+    user = {"user": "celery", "max_connections": 1000, "max_channels": -1}
+    vhost = {"vhost": "celery", "max_connections": 4000, "max_queues": 2000}
+    assert rabbitmq.limits_to_set([_read(user, '{"max-connections": 1000}'),
+                                   _read(vhost, '{"max-connections": 4000, "max-queues": 2000}')]) == []
+    # -1 on the broker is no limit too
+    assert rabbitmq.limits_to_set([_read(user, '{"max-connections": 1000, "max-channels": -1}')]) == []
+    # missing, other value, a limit the inventory does not want, nothing read (each version's empty output)
+    assert rabbitmq.limits_to_set([_read(user, '{"max-connections": 5000}')]) == [user]
+    assert rabbitmq.limits_to_set([_read(user, '{"max-connections": 1000, "max-channels": 5}')]) == [user]
+    for empty in ("", "{}", "[]", "not json"):
+        assert rabbitmq.limits_to_set([_read(vhost, empty)]) == [vhost]
+    # a failed read (a dry run before the user exists): set
+    assert rabbitmq.limits_to_set([_read(user, '{"max-connections": 1000}', rc=2)]) == [user]

@@ -162,3 +162,19 @@ def test_each_worker_gets_its_own_stop_timeout():
 def test_pool_enabled_as_string():
     table = [{"name": "q", "tasks": [], "pools": {"threads": {"enabled": "false"}}}]
     assert [i["pool"] for i in routing.worker_instances(table, "w1", GROUPS, POOL_DEFAULTS)] == ["prefork"]
+
+
+# --- queue length limits -------------------------------------------------------------------------
+
+def test_routing_table_length_limits_only_where_set():
+    table = routing.routing_table([{"name": "io", "max_length": 100000}, {"name": "big", "max_length_bytes": "1048576",
+                                                                         "overflow": "drop-head"},
+                                   {"name": "cpu", "max_length": 0, "overflow": "reject-publish"}])
+    # the default overflow: reject-publish (the producer is told), not RabbitMQ's drop-head
+    assert table[0]["max_length"] == 100000 and table[0]["overflow"] == "reject-publish"
+    assert "max_length_bytes" not in table[0]
+    assert table[1]["max_length_bytes"] == 1048576 and table[1]["overflow"] == "drop-head"
+    # 0 is no limit, and an overflow without a limit is left out (the preflight refuses it)
+    assert {"max_length", "max_length_bytes", "overflow"}.isdisjoint(table[2])
+    # the Redis broker has no queue length limit: none in its table
+    assert "max_length" not in routing.routing_table([{"name": "io", "max_length": 5}], "redis")[0]

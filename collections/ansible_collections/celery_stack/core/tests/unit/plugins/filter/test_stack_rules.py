@@ -149,3 +149,78 @@ def test_application_source(tmp_path):
         assert problem.startswith(f"celery_stack_app.source {missing!r} looks like a path"), problem
     [problem] = _problems(TABLE, app={"source": str(tmp_path / "gone"), "kind": "directory", "module": "x"})
     assert "no such directory" in problem
+
+
+# --- queue length limits -------------------------------------------------------------------------
+
+def _lengths(queues, broker="rabbitmq", quorum=False):
+    return stack_rules.length_problems(queues, routing.routing_table(queues, "rabbitmq", quorum, ["mq1", "mq2"]),
+                                       broker)
+
+
+def test_length_problems_accept_what_the_queue_type_takes():
+    assert _lengths([{"name": "io", "max_length": 100000}, {"name": "cpu"}]) == []
+    for overflow in ("drop-head", "reject-publish", "reject-publish-dlx"):
+        assert _lengths([{"name": "io", "max_length": 10, "overflow": overflow}]) == []
+    for overflow in ("drop-head", "reject-publish", None):
+        assert _lengths([{"name": "io", "max_length_bytes": 10, "overflow": overflow}], quorum=True) == []
+    # 0: no limit
+    assert _lengths([{"name": "io", "max_length": 0}]) == []
+
+
+def test_length_problems_name_the_variable():
+    quorum = _lengths([{"name": "cpu"}, {"name": "io", "max_length": 10, "overflow": "reject-publish-dlx"}],
+                      quorum=True)
+    assert len(quorum) == 1 and quorum[0].startswith(
+        "celery_stack_queues[1] (io).overflow 'reject-publish-dlx': io is a quorum queue"), quorum
+    # a classic queue of its own in a quorum stack takes it
+    assert _lengths([{"name": "io", "max_length": 10, "overflow": "reject-publish-dlx", "queue_type": "classic"}],
+                    quorum=True) == []
+    assert _lengths([{"name": "io", "overflow": "drop-head"}]) == [
+        "celery_stack_queues[0] (io).overflow 'drop-head' does nothing without a limit: set max_length (or "
+        "max_length_bytes), or leave overflow out"]
+    assert _lengths([{"name": "io", "max_length": -1}]) == [
+        "celery_stack_queues[0] (io).max_length must be 1 or more (0: no limit), got -1"]
+    redis = _lengths([{"name": "io", "max_length": 10}], broker="redis")
+    assert len(redis) == 1 and "Redis broker has no queue length limit" in redis[0]
+
+
+def test_problems_include_the_length_rules():
+    table = [dict(TABLE[0], max_length=10, overflow="reject-publish-dlx"), TABLE[1]]
+    found = stack_rules.problems(table, GROUPS)  # two brokers: quorum queues
+    assert any(".overflow 'reject-publish-dlx': io is a quorum queue" in p for p in found), found
+
+
+# --- what the workers hold on the broker ---------------------------------------------------------
+
+PER = stack_rules.BROKER_USE_PER_INSTANCE
+EXTRA = stack_rules.BROKER_USE_PER_EXTRA
+
+
+def test_broker_use_counts_every_instance_on_every_worker_host():
+    # io: threads (and prefork, on by default) on w1 and w2; cpu: prefork only, on w1 and w2: 6 instances
+    use = stack_rules.broker_use(TABLE, GROUPS, {}, 1, False)
+    assert use["instances"] == 6
+    assert use["connections"] == 6 * PER["connections"] + EXTRA["connections"]
+    assert use["channels"] == 6 * PER["channels"] + EXTRA["channels"]
+    assert use["queues"] == 2 * 2 + 3 * 6 + 1
+    # pool defaults that switch prefork off (the table's cpu prefork does not switch it on again): the
+    # io threads workers only; quorum queues add Celery's delayed-delivery queues
+    off = stack_rules.broker_use(TABLE, GROUPS, {"prefork": {"enabled": False}}, 0, True)
+    assert off["instances"] == 2 and off["queues"] == 2 * 2 + 3 * 2 + stack_rules.DELAYED_DELIVERY_QUEUES
+    placed = [dict(TABLE[0], hosts=["cpu_workers"]), TABLE[1]]
+    assert stack_rules.broker_use(placed, GROUPS, {}, 0)["instances"] == 4
+
+
+def test_broker_use_problems_refuse_a_limit_below_the_workers_need():
+    use = stack_rules.broker_use(TABLE, GROUPS, {}, 1, False)
+    roomy = {"rabbitmq_app_user_max_connections": 1000, "rabbitmq_app_user_max_channels": -1,
+             "rabbitmq_vhost_max_connections": use["connections"], "rabbitmq_vhost_max_queues": 2000}
+    assert stack_rules.broker_use_problems(use, {"mq1": roomy, "mq2": None}) == []
+    tight = dict(roomy, rabbitmq_app_user_max_connections=use["connections"] - 1, rabbitmq_vhost_max_queues=3)
+    found = stack_rules.broker_use_problems(use, {"mq1": tight})
+    assert len(found) == 2, found
+    assert found[0].startswith(f"rabbitmq_app_user_max_connections of mq1 ({use['connections'] - 1}) is below the "
+                               f"{use['connections']} connections that the routing table's 6 worker instances")
+    assert f"to at least {use['connections']}" in found[0]
+    assert found[1].startswith(f"rabbitmq_vhost_max_queues of mq1 (3) is below the {use['queues']} queues"), found
