@@ -27,7 +27,7 @@ import uuid
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from stack_hosts import INVENTORY, VENV_PYTHON, group_hosts, inventory_host  # noqa: E402
+from stack_hosts import INVENTORY, VENV_PYTHON, group_hosts, inventory_host, poll  # noqa: E402
 
 testinfra_hosts = ["ansible://celery_monitoring"] if INVENTORY else []
 
@@ -64,15 +64,6 @@ def _api(host, path):
     return json.loads(host.check_output("python3 -c %s %s", GET, f"http://127.0.0.1:{port}/api/v1/{path}"))["data"]
 
 
-def _poll(check, timeout, interval=2.0):
-    """check() until it returns something true or the timeout passes; the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
 
 def _deliveries(host, since, alertname, status, **labels):
     """The alerts named `alertname` with `status` (firing, resolved) and these labels that reached
@@ -105,7 +96,7 @@ def test_every_target_answers(monitor):
         targets = active()
         return targets if all(t["health"] == "up" for t in targets) else None
 
-    targets = _poll(all_up, 90) or active()
+    targets = poll(all_up, 90) or active()
     assert [(t["labels"], t["lastError"]) for t in targets if t["health"] != "up"] == []
     jobs = {}
     for target in targets:
@@ -126,7 +117,7 @@ def test_the_rules_are_loaded_and_evaluate(monitor):
         evaluated = groups and all(r.get("lastEvaluation", "").startswith("20") for r in groups[0]["rules"])
         return groups[0]["rules"] if evaluated else None
 
-    loaded = _poll(rules, 60)
+    loaded = poll(rules, 60)
     assert loaded, "the group celery-stack was not loaded, or not evaluated"
     assert [r["name"] for r in loaded if r["health"] != "ok"] == []
     assert {"CeleryQueueWithoutConsumer", "CeleryWorkerOffline", "RabbitMQMemoryAlarm", "RedisDown",
@@ -143,7 +134,7 @@ def test_a_queue_without_consumer_reaches_the_receiver_and_resolves(monitor):
             worker.check_output("systemctl stop %s %s", *IO_UNITS)
         run = uuid.uuid4().hex[:8]
         ids = _as_app("send", "celery_stack_demo.tasks.crawl_probe", json.dumps([[run, i, 0] for i in range(20)]))
-        fired = _poll(lambda: _deliveries(monitor, started, "CeleryQueueWithoutConsumer", "firing", queue="io"), 180)
+        fired = poll(lambda: _deliveries(monitor, started, "CeleryQueueWithoutConsumer", "firing", queue="io"), 180)
         assert fired, "CeleryQueueWithoutConsumer for io never reached the receiver"
         print(f"\nCeleryQueueWithoutConsumer (io) reached the receiver {fired[0][0] - started:.0f} s after the "
               f"io workers stopped: {fired[0][1]['annotations']['description']}")
@@ -152,7 +143,7 @@ def test_a_queue_without_consumer_reaches_the_receiver_and_resolves(monitor):
             worker.run("systemctl start %s %s", *IO_UNITS)
     back = time.time()
     assert len(_as_app("collect", json.dumps(ids), "120")) == len(ids)
-    resolved = _poll(lambda: _deliveries(monitor, back, "CeleryQueueWithoutConsumer", "resolved", queue="io"), 120)
+    resolved = poll(lambda: _deliveries(monitor, back, "CeleryQueueWithoutConsumer", "resolved", queue="io"), 120)
     assert resolved, "CeleryQueueWithoutConsumer for io was never resolved at the receiver"
     print(f"resolved at the receiver {resolved[0][0] - back:.0f} s after the workers started; the 20 tasks ran")
 
@@ -167,13 +158,13 @@ def test_a_broker_memory_alarm_reaches_the_receiver(monitor):
     started = time.time()
     try:
         node.check_output("rabbitmqctl -q set_vm_memory_high_watermark 0.0001")
-        fired = _poll(lambda: _deliveries(monitor, started, "RabbitMQMemoryAlarm", "firing", instance=name), 120)
+        fired = poll(lambda: _deliveries(monitor, started, "RabbitMQMemoryAlarm", "firing", instance=name), 120)
         assert fired, f"RabbitMQMemoryAlarm of {name} never reached the receiver"
         print(f"\nRabbitMQMemoryAlarm ({name}) reached the receiver {fired[0][0] - started:.0f} s after the watermark "
               "was lowered")
     finally:
         node.check_output("rabbitmqctl -q set_vm_memory_high_watermark %s", configured)
     back = time.time()
-    resolved = _poll(lambda: _deliveries(monitor, back, "RabbitMQMemoryAlarm", "resolved", instance=name), 120)
+    resolved = poll(lambda: _deliveries(monitor, back, "RabbitMQMemoryAlarm", "resolved", instance=name), 120)
     assert resolved, f"RabbitMQMemoryAlarm of {name} was never resolved at the receiver"
     print(f"resolved {resolved[0][0] - back:.0f} s after the watermark was back at {configured}")

@@ -32,7 +32,7 @@ import testinfra
 
 # The scenarios' shared test helpers (molecule/shared/tests/stack_hosts.py).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "tests"))
-from stack_hosts import INVENTORY, TLS_CA, VENV_PYTHON  # noqa: E402
+from stack_hosts import INVENTORY, TLS_CA, VENV_PYTHON, poll  # noqa: E402
 
 # Under Molecule: the Flower hosts; with --hosts: every host, the others skip.
 testinfra_hosts = ["ansible://celery_flower"] if INVENTORY else []
@@ -181,15 +181,6 @@ def _cpu_seconds(host):
     return (int(fields[11]) + int(fields[12])) / int(host.check_output("getconf CLK_TCK"))
 
 
-def _poll(check, timeout, interval=1.0):
-    """check() until it returns something true or the timeout passes; the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
 
 def test_flower_runs_as_its_own_user(host, stack):
     service = host.service(FLOWER_UNIT)
@@ -259,7 +250,7 @@ def test_every_worker_is_listed_with_its_routed_queue(stack, expected_workers, r
         workers = json.loads(answer["body"])
         return workers if set(expected_workers) <= set(workers) else None
 
-    workers = _poll(listed, 90, 3) or json.loads(stack.get("/api/workers?refresh=1", ops)["body"])
+    workers = poll(listed, 90, 3) or json.loads(stack.get("/api/workers?refresh=1", ops)["body"])
     assert set(expected_workers) <= set(workers), sorted(workers)
     consumed = set()
     for name, instance in expected_workers.items():
@@ -280,7 +271,7 @@ def test_tasks_sent_by_the_producer_show_up_in_flower(stack, expected_workers):
         tasks = json.loads(stack.get("/api/tasks", ops)["body"])
         return tasks if all(tasks.get(i, {}).get("state") == "SUCCESS" for i in ids) else None
 
-    tasks = _poll(seen, 60, 2) or json.loads(stack.get("/api/tasks", ops)["body"])
+    tasks = poll(seen, 60, 2) or json.loads(stack.get("/api/tasks", ops)["body"])
     for task_id in ids:
         task = tasks.get(task_id, {})
         assert task.get("state") == "SUCCESS", (task_id, task)
@@ -309,7 +300,7 @@ def test_the_producers_task_sent_events_reach_flower(stack):
         answer = stack.get(f"/api/task/info/{ids[0]}", ops)
         return answer["status"] == 200 and json.loads(answer["body"]).get("sent")
 
-    assert _poll(sent, 20, 2), "Flower has no task-sent event of the producer's task"
+    assert poll(sent, 20, 2), "Flower has no task-sent event of the producer's task"
 
 
 def test_flower_is_read_only(stack):
@@ -347,7 +338,7 @@ def test_queue_depth_of_a_burst_on_rabbitmq(stack, expected_workers):
         return _metric(stack.get("/metrics", ops)["body"], "flower_events_total",
                        task="celery_stack_demo.tasks.crawl_probe", type="task-succeeded")
 
-    assert _poll(lambda: ready() == 0, 120), "the io queue is not empty before the burst"
+    assert poll(lambda: ready() == 0, 120), "the io queue is not empty before the burst"
     before = succeeded()
     flower = stack.flower_host
     flower_cpu = _cpu_seconds(flower)
@@ -357,17 +348,17 @@ def test_queue_depth_of_a_burst_on_rabbitmq(stack, expected_workers):
                        json.dumps([[run, i, BURST_SECONDS] for i in range(BURST)]))
     try:
         # RabbitMQ refreshes these metrics every few seconds (collect_statistics_interval).
-        peak = _poll(lambda: (lambda n: n if n > threshold else 0)(ready()), 60)
+        peak = poll(lambda: (lambda n: n if n > threshold else 0)(ready()), 60)
         assert peak > threshold, f"the io queue never held more than {threshold} ready messages"
         risen = time.monotonic() - started
-        assert _poll(lambda: ready() == 0, 600), "the io queue did not drain"
+        assert poll(lambda: ready() == 0, 600), "the io queue did not drain"
         drained = time.monotonic() - started
         results = stack.as_app("collect", json.dumps(ids), "300")
     finally:
         for name in stack.workers:
             stack.host(name).run("rm -f %s/probe-%s.log", PROBE_DIR, run)
     assert sorted(r["index"] for r in results) == list(range(BURST))
-    _poll(lambda: succeeded() - before >= BURST, 60)
+    poll(lambda: succeeded() - before >= BURST, 60)
     counted = succeeded() - before
     assert counted >= BURST, f"Flower counted {counted:.0f} of {BURST} crawl_probe successes"
 

@@ -10,6 +10,7 @@ stack with --hosts) the groups are empty, so the modules still import.
 """
 
 import os
+import time
 
 import testinfra
 import testinfra.utils.ansible_runner
@@ -31,3 +32,13 @@ def group_hosts(group):
 def inventory_host(name):
     """The testinfra host of an inventory host, reached through the scenario's inventory."""
     return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def poll(check, timeout, interval=1.0):
+    """check() until it returns something true or the timeout passes; the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
