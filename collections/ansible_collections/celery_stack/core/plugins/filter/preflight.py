@@ -808,11 +808,13 @@ def monitoring_problems(settings, flower_hosts=(), flower_settings=None, host=""
         if wanted and wanted not in users:
             found.append(f"celery_monitoring_flower_user is {wanted!r}, which is not one of celery_flower_users "
                          f"({', '.join(map(str, users)) or 'none'}): Prometheus scrapes Flower's /metrics as one of them")
+        # Prometheus dials every target by its stack address (the name its certificate carries),
+        # even on its own host.
         address = str(flower.get("celery_flower_address") or "127.0.0.1")
-        if LOOPBACK.match(address) and host != flower_hosts[0]:
-            found.append(f"celery_flower_address is {address} on {flower_hosts[0]}: Prometheus on {host} cannot reach "
-                         "Flower there. Let Flower listen on an address the monitoring host reaches (with "
-                         "celery_stack_tls on), or put the monitoring host on the Flower host")
+        if LOOPBACK.match(address):
+            found.append(f"celery_flower_address is {address} on {flower_hosts[0]}: Prometheus on {host} scrapes "
+                         f"Flower at {flower_hosts[0]}'s stack address. Let Flower listen there (with "
+                         "celery_stack_tls on) and firewall its port to the monitoring host and the operators")
     return found
 
 
