@@ -33,6 +33,9 @@ case "${1:-}" in
   RabbitMQ management UI: http://172.30.87.11:15672/  (user ops-admin, see inventories/local)
   A shell on a host:      docker exec -it celery-stack-worker-1 bash
   Workers:                docker exec celery-stack-worker-1 systemctl list-units 'celery-worker@*'
+  Alerts:                 Prometheus and Alertmanager on celery-stack-monitor-1 (127.0.0.1:9090 and :9093
+                          inside it, docs/alerts.md); what reached the receiver:
+                          docker exec celery-stack-monitor-1 cat /var/tmp/alerts.jsonl
   Run site.yml again:     .venv/bin/ansible-playbook -i inventories/local site.yml
   Benchmark the pools:    make bench
   Fault suite:            make faults
